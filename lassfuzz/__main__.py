@@ -1,0 +1,5 @@
+"""``python -m lassfuzz``."""
+
+from lassfuzz.cli.main import main
+
+raise SystemExit(main())

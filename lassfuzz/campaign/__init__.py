@@ -1,0 +1,1 @@
+"""Campaigns: the fuzzing loop, crash files, statistics and minimization."""

@@ -1,0 +1,1 @@
+"""The ``lassfuzz`` command line."""

@@ -1,0 +1,1 @@
+"""Comparing outcomes: the first divergence and its signature."""

@@ -1,0 +1,1 @@
+"""Random test-case generation, deterministic from a seed and a case index."""
