@@ -1,0 +1,297 @@
+"""``lassfuzz`` command line: fuzz, repro, minimize, show, bench, matrix.
+
+Exit codes are part of the interface: 0 nothing found (or does not reproduce), 1 divergence
+found (or reproduced), 2 usage or runtime error, always with one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from lassfuzz import __version__
+
+if TYPE_CHECKING:
+    from lassfuzz.compare.differential import Differential
+
+EXIT_OK = 0
+EXIT_FOUND = 1
+EXIT_ERROR = 2
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line with exit status 2."""
+
+
+def parse_duration(text: str) -> float:
+    """``600``, ``90s``, ``10m``, ``8h``, ``1d`` → seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r} (examples: 600, 90s, 10m, 8h)"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lassfuzz",
+        description="Differential fuzzer for Intel LASS: Unicorn + LASS shim vs a reference model.",
+    )
+    parser.add_argument("--version", action="version", version=f"lassfuzz {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def policy_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--policy",
+            default=None,
+            metavar="P",
+            help="shim policy: sdm (default), bochs, none, or package.module:function",
+        )
+
+    fuzz = sub.add_parser("fuzz", help="run a fuzzing campaign")
+    fuzz.add_argument("--out", type=Path, default=Path("."), help="output directory (default: .)")
+    fuzz.add_argument("--duration", type=parse_duration, default=None, help="e.g. 600, 10m, 8h")
+    fuzz.add_argument("--cases", type=int, default=None, help="stop after N cases")
+    fuzz.add_argument("--seed", type=int, default=1, help="campaign seed (default: 1)")
+    fuzz.add_argument("--stop-on-first", action="store_true", help="stop at the first divergence")
+    policy_option(fuzz)
+
+    repro = sub.add_parser("repro", help="re-run a crash or case file")
+    repro.add_argument("file", type=Path)
+    policy_option(repro)
+
+    minimize = sub.add_parser("minimize", help="shrink a crash file, keeping its signature")
+    minimize.add_argument("file", type=Path)
+    minimize.add_argument("-o", "--out", type=Path, default=None, help="output file")
+    policy_option(minimize)
+
+    show = sub.add_parser("show", help="print a case or crash file for humans")
+    show.add_argument("file", type=Path)
+
+    bench = sub.add_parser("bench", help="measure cases/s and instructions/s of every engine")
+    bench.add_argument("--cases", type=int, default=300, help="generated cases to run")
+    bench.add_argument("--seed", type=int, default=1)
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    policy_option(bench)
+
+    matrix = sub.add_parser("matrix", help="run the exhaustive LASS access matrix")
+    matrix.add_argument("--json", action="store_true", help="print JSON lines")
+    matrix.add_argument(
+        "--reference-only", action="store_true", help="run the reference model only"
+    )
+    policy_option(matrix)
+    return parser
+
+
+def _differential(policy: str | None) -> tuple[Differential, str]:
+    from lassfuzz.compare.differential import Differential
+    from lassfuzz.emulator.machine import UnicornMachine
+    from lassfuzz.model.engine import ReferenceModel
+    from lassfuzz.policies import PolicyError, load_policy
+
+    try:
+        name, function = load_policy(policy)
+    except PolicyError as error:
+        raise UsageError(str(error)) from None
+    machine = UnicornMachine(policy=function, policy_name=name)
+    return Differential(ReferenceModel(), machine), name
+
+
+def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.campaign.fuzz import Campaign, CampaignConfig, HealthCheckError, Stats
+    from lassfuzz.compare.differential import Finding
+
+    if args.cases is not None and args.cases < 1:
+        raise UsageError("--cases must be at least 1")
+    if args.cases is None and args.duration is None:
+        raise UsageError("give --cases N or --duration D (a campaign needs an end)")
+    differential, policy_name = _differential(args.policy)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".lassfuzz-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{args.out}: output directory is not writable ({error.strerror})") from None
+    interactive = err.isatty()
+
+    def progress(stats: Stats) -> None:
+        line = stats.progress_line()
+        err.write(f"\r{line}" if interactive else f"{line}\n")
+        err.flush()
+
+    def finding(found: Finding, new: bool) -> None:
+        if new:
+            prefix = "\n" if interactive else ""
+            err.write(f"{prefix}new {found.cls} divergence: {found.signature.describe()}\n")
+
+    config = CampaignConfig(
+        out=args.out,
+        seed=args.seed,
+        cases=args.cases,
+        duration_s=args.duration,
+        stop_on_first=args.stop_on_first,
+        policy_name=policy_name,
+    )
+    campaign = Campaign(config, differential, progress=progress, finding=finding)
+    try:
+        stats = campaign.run()
+    except HealthCheckError as error:
+        raise UsageError(f"health check failed: {error}") from None
+    except KeyboardInterrupt:
+        stats = campaign.stats
+        err.write("\ninterrupted; statistics flushed\n")
+    if interactive:
+        err.write("\n")
+    summary = stats.to_dict(final=True)
+    out.write(
+        f"{summary['cases']} cases in {summary['elapsed_s']:.1f}s "
+        f"({summary['cases_per_sec']} cases/s), {summary['compared']} compared, "
+        f"{summary['skipped']} skipped, {summary['errors']} errors\n"
+    )
+    for cls in ("lass", "base"):
+        entries = [e for e in stats.signatures.values() if e["class"] == cls]
+        out.write(f"{cls} divergences: {stats.divergences_by_class.get(cls, 0)} "
+                  f"({len(entries)} unique)\n")
+        for entry in entries:
+            out.write(f"  {entry['count']:6d}  {entry['summary']}  {entry['file']}\n")
+    return EXIT_FOUND if stats.divergences else EXIT_OK
+
+
+def _rerun(path: Path, policy: str | None) -> tuple[int, str]:
+    """Re-run a file; (exit status, one-line verdict)."""
+    from lassfuzz.campaign.files import load_file
+    from lassfuzz.compare.diff import Verdict
+
+    loaded = load_file(path)
+    differential, _ = _differential(policy)
+    result, signature = differential.signature(loaded.case)
+    verdict = result.comparison.verdict
+    if verdict is Verdict.ERROR:
+        raise UsageError(f"engine error: {result.comparison.reason}")
+    if verdict is Verdict.SKIPPED:
+        raise UsageError(f"case cannot be compared: {result.comparison.reason}")
+    expected = loaded.signature
+    if signature is None:
+        return EXIT_OK, "no divergence"
+    if expected is None:
+        return EXIT_FOUND, f"divergence: {signature.describe()}"
+    if signature == expected:
+        return EXIT_FOUND, f"reproduced: {signature.describe()}"
+    return EXIT_OK, (
+        f"a different divergence: {signature.describe()} (expected {expected.describe()})"
+    )
+
+
+def cmd_repro(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    status, line = _rerun(args.file, args.policy)
+    out.write(line + "\n")
+    return status
+
+
+def cmd_minimize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.campaign.files import crash_document, crash_filename, load_file, write_atomic
+    from lassfuzz.campaign.minimize import MinimizeStep, minimize
+    from lassfuzz.case import TestCase
+    from lassfuzz.compare.diff import Verdict
+
+    loaded = load_file(args.file)
+    differential, policy_name = _differential(args.policy)
+    result, signature = differential.signature(loaded.case)
+    if signature is None:
+        raise UsageError(f"{args.file}: does not diverge with policy {policy_name}; nothing to minimize")
+    if loaded.signature is not None and loaded.signature != signature:
+        raise UsageError(
+            f"{args.file}: diverges differently now ({signature.describe()}); not minimizing"
+        )
+
+    def still_fails(candidate: TestCase) -> bool:
+        return differential.signature(candidate)[1] == signature
+
+    def progress(step: MinimizeStep) -> None:
+        err.write(
+            f"{step.pass_name}: {step.accepted} accepted of {step.tried} tried, "
+            f"{step.instructions} instructions left\n"
+        )
+
+    smallest = minimize(loaded.case, still_fails, progress=progress)
+    final = differential.run(smallest)
+    if final.comparison.verdict is not Verdict.DIVERGE:
+        raise UsageError("internal error: the minimized case no longer diverges")
+    finding = differential.triage(final)
+    crash = loaded.crash or {}
+    document = crash_document(
+        finding, policy_name=policy_name, seed=crash.get("seed"), index=crash.get("index")
+    )
+    target = args.out or args.file.with_name(crash_filename(signature, minimized=True))
+    try:
+        write_atomic(target, json.dumps(document, indent=1))
+    except OSError as error:
+        raise UsageError(f"{target}: cannot write ({error.strerror})") from None
+    out.write(f"minimized to {len(smallest.code)} code bytes: {target}\n")
+    return EXIT_FOUND
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.campaign.files import load_file
+    from lassfuzz.cli.show import render
+
+    loaded = load_file(args.file)
+    out.write(render(loaded))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.bench import format_table, run_benchmark
+    from lassfuzz.policies import PolicyError, load_policy
+
+    try:
+        name, function = load_policy(args.policy)
+    except PolicyError as error:
+        raise UsageError(str(error)) from None
+    results = run_benchmark(cases=args.cases, seed=args.seed, policy=function, policy_name=name)
+    out.write(json.dumps(results) + "\n" if args.json else format_table(results))
+    return EXIT_OK
+
+
+def cmd_matrix(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.matrix import matrix_main
+    from lassfuzz.policies import PolicyError
+
+    try:
+        return matrix_main(args.json, args.policy, out, reference_only=args.reference_only)
+    except PolicyError as error:
+        raise UsageError(str(error)) from None
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+    "fuzz": cmd_fuzz,
+    "repro": cmd_repro,
+    "minimize": cmd_minimize,
+    "show": cmd_show,
+    "bench": cmd_bench,
+    "matrix": cmd_matrix,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lassfuzz.campaign.files import InputError
+
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args, sys.stdout, sys.stderr)
+    except (UsageError, InputError) as error:
+        print(f"lassfuzz {args.command}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"lassfuzz {args.command}: interrupted", file=sys.stderr)
+        return EXIT_ERROR

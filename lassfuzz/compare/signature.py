@@ -1,0 +1,95 @@
+"""Divergence signatures: what makes two findings "the same bug".
+
+A signature keeps the coarse facts a developer would sort findings by (LASS.md section 8 axes):
+the divergence kind, both outcomes' classes, the faulting access's kind and address half, the
+CPL, SMAP/AC, and the instruction family. It deliberately leaves out addresses, register values
+and case indices, so one bug hit from many random cases lands in one bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from lassfuzz.arch import CR4_SMAP, RFLAGS_AC
+from lassfuzz.case import TestCase
+from lassfuzz.compare.diff import Divergence
+from lassfuzz.families import family_at
+from lassfuzz.outcome import Fault, Outcome
+
+
+MAX_INSTRUCTION_LENGTH = 15
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The bucket a divergence falls in. ``id`` is a stable short hash of the fields."""
+
+    divergence: str  # kind, plus the register name for register divergences
+    reference: str  # outcome class: ok, #GP(0), #PF(0x5), ...
+    emulator: str
+    access: str  # read / write / fetch / none
+    half: str  # user / supervisor / none
+    cpl: int
+    smap: bool
+    ac: bool
+    family: str
+
+    @property
+    def id(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def describe(self) -> str:
+        flags = f"cpl{self.cpl} {self.access} {self.half}-half"
+        flags += " smap" if self.smap else ""
+        flags += " ac" if self.ac else ""
+        return (
+            f"{self.divergence} [{self.family}] {flags}: "
+            f"reference {self.reference} emulator {self.emulator}"
+        )
+
+
+def signature_of(
+    case: TestCase, reference: Outcome, emulator: Outcome, divergence: Divergence
+) -> Signature:
+    """Compute the signature of ``divergence`` between two outcomes of ``case``."""
+    fault = _describing_fault(reference, emulator)
+    kind = divergence.kind
+    if kind == "register":
+        kind = f"register:{divergence.field}"
+    access, half = "none", "none"
+    if fault is not None and fault.access is not None:
+        access = fault.access
+    if fault is not None and fault.address is not None:
+        half = "supervisor" if fault.address >> 63 else "user"
+    return Signature(
+        divergence=kind,
+        reference=reference.summary,
+        emulator=emulator.summary,
+        access=access,
+        half=half,
+        cpl=case.state.cpl,
+        smap=bool(case.state.cr4 & CR4_SMAP),
+        ac=bool(case.state.rflags & RFLAGS_AC),
+        family=family_at_fault(case, fault),
+    )
+
+
+def _describing_fault(reference: Outcome, emulator: Outcome) -> Fault | None:
+    """The fault that explains the divergence: the reference's if any, else the emulator's."""
+    return reference.fault or emulator.fault
+
+
+def family_at_fault(case: TestCase, fault: Fault | None) -> str:
+    """Family of the faulting instruction when it lies in the case's code, else a coarse label.
+
+    A fetch fault reports RIP = the branch target, outside the code: its family is "fetch".
+    """
+    if fault is None:
+        return "none"
+    offset = (fault.rip - case.code_address) & 0xFFFF_FFFF_FFFF_FFFF
+    if offset >= len(case.code):
+        return "fetch" if fault.access == "fetch" else "outside-code"
+    return family_at(case.code[offset : offset + MAX_INSTRUCTION_LENGTH], fault.rip)
