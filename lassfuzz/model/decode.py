@@ -1,0 +1,258 @@
+"""Instruction decoding with iced-x86 into a small operand description the semantics compile.
+
+iced-x86 only tells what the bytes *are* (length, mnemonic, operands, prefixes); what they *do*
+is written in :mod:`lassfuzz.model.instructions`. Decoding is done at address 0, so RIP-relative
+displacements and branch targets come out relative to the instruction's first byte and the
+description (and the plan compiled from it) can be reused wherever the same bytes appear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import iced_x86 as iced
+
+from lassfuzz.model.faults import Unsupported
+
+_MNEMONICS: Final = {getattr(iced.Mnemonic, n): n for n in dir(iced.Mnemonic) if n.isupper()}
+_CODES: Final = {getattr(iced.Code, n): n for n in dir(iced.Code) if n.isupper()}
+_SEGMENTS: Final = {
+    iced.Register.ES: "es",
+    iced.Register.CS: "cs",
+    iced.Register.SS: "ss",
+    iced.Register.DS: "ds",
+    iced.Register.FS: "fs",
+    iced.Register.GS: "gs",
+}
+_HIGH_BYTE_REGISTERS: Final = frozenset(
+    {iced.Register.AH, iced.Register.CH, iced.Register.DH, iced.Register.BH}
+)
+_IMMEDIATES: Final = frozenset(
+    {
+        iced.OpKind.IMMEDIATE8,
+        iced.OpKind.IMMEDIATE8_2ND,
+        iced.OpKind.IMMEDIATE16,
+        iced.OpKind.IMMEDIATE32,
+        iced.OpKind.IMMEDIATE64,
+        iced.OpKind.IMMEDIATE8TO16,
+        iced.OpKind.IMMEDIATE8TO32,
+        iced.OpKind.IMMEDIATE8TO64,
+        iced.OpKind.IMMEDIATE32TO64,
+    }
+)
+_STRING_SOURCES: Final = frozenset({iced.OpKind.MEMORY_SEG_RSI})
+_STRING_DESTINATIONS: Final = frozenset({iced.OpKind.MEMORY_ESRDI})
+_UNSUPPORTED_STRING_FORMS: Final = frozenset(
+    {
+        iced.OpKind.MEMORY_SEG_SI,
+        iced.OpKind.MEMORY_SEG_ESI,
+        iced.OpKind.MEMORY_SEG_DI,
+        iced.OpKind.MEMORY_SEG_EDI,
+        iced.OpKind.MEMORY_SEG_RDI,
+        iced.OpKind.MEMORY_ESDI,
+        iced.OpKind.MEMORY_ESEDI,
+    }
+)
+_RSI: Final = 6
+_RDI: Final = 7
+
+
+@dataclass(frozen=True)
+class Reg:
+    """A general-purpose register operand: GPR number, bit shift (8 for AH/CH/DH/BH), bytes."""
+
+    index: int
+    shift: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Mem:
+    """A ModRM/moffs memory operand. ``displacement`` includes, for RIP-relative operands, the
+    distance from the instruction's first byte; ``address_bits`` is 64 or 32 (0x67 prefix).
+    ``segment`` is the effective segment ("ss" for RSP/RBP bases without override)."""
+
+    segment: str
+    base: int | None
+    rip_relative: bool
+    index: int | None
+    scale: int
+    displacement: int
+    address_bits: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StringMem:
+    """The implicit operand of a string instruction: ``segment``:RSI (source, overridable) or
+    ES:RDI (destination), ``size`` bytes."""
+
+    register: int
+    segment: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Imm:
+    """An immediate, as a u64 already sign- or zero-extended by the encoding."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A relative branch: the target is the instruction's address plus ``offset`` (mod 2^64)."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
+class ControlReg:
+    """A control register (CR0..CR15) as a MOV operand."""
+
+    number: int
+
+
+Operand = Reg | Mem | StringMem | Imm | Branch | ControlReg
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded instruction: what the semantics need, and ``text`` to name it in messages.
+
+    ``condition`` is the SDM condition-code nibble (tttn) of Jcc/SETcc/CMOVcc, else None;
+    ``stack_increment`` is iced's RSP change (-8/-2 for pushes), used for operand sizes only.
+    """
+
+    mnemonic: str
+    code: str
+    raw: bytes
+    operands: tuple[Operand, ...]
+    lock: bool
+    rep: bool
+    repne: bool
+    condition: int | None
+    stack_increment: int
+    text: str
+
+    @property
+    def length(self) -> int:
+        return len(self.raw)
+
+    def describe(self, rip: int) -> str:
+        """``'mnemonic text' (bytes) at RIP`` for messages naming this instruction."""
+        return f"'{self.text}' ({self.raw.hex(' ')}) at {rip:#x}"
+
+
+class NeedMoreBytes(Exception):
+    """The instruction continues past the bytes given (the fetch must cross a page)."""
+
+
+class InstructionDecoder:
+    """Decodes 64-bit-mode instructions; owns its formatter (used only for names)."""
+
+    def __init__(self) -> None:
+        self._formatter = iced.Formatter(iced.FormatterSyntax.INTEL)
+
+    def decode(self, window: bytes) -> Decoded:
+        """Decode the instruction at the start of ``window`` (at most 15 bytes).
+
+        Raises NeedMoreBytes if ``window`` ends inside it, Unsupported for bytes iced rejects,
+        and returns a description with ``code == "INVALID_LOCK"`` for a LOCK prefix on an
+        instruction that cannot take it (SDM Vol. 2 "LOCK": #UD).
+        """
+        decoder = iced.Decoder(64, window, ip=0)
+        instruction = decoder.decode()
+        if decoder.last_error == iced.DecoderError.NO_MORE_BYTES:
+            if len(window) >= 15:
+                raise Unsupported(f"instruction longer than 15 bytes ({window.hex(' ')})")
+            raise NeedMoreBytes
+        if instruction.is_invalid:
+            relaxed = iced.Decoder(
+                64, window, ip=0, options=iced.DecoderOptions.NO_INVALID_CHECK
+            ).decode()
+            if not relaxed.is_invalid and relaxed.has_lock_prefix:
+                raw = window[: relaxed.len]
+                return Decoded(
+                    "LOCK", "INVALID_LOCK", raw, (), True, False, False, None, 0,
+                    f"lock {self._formatter.format(relaxed)}",
+                )  # fmt: skip
+            raise Unsupported(f"undecodable instruction bytes ({window.hex(' ')})")
+        raw = window[: instruction.len]
+        text = self._formatter.format(instruction)
+        if instruction.encoding != iced.EncodingKind.LEGACY:
+            raise Unsupported(f"'{text}' ({raw.hex(' ')}): VEX/EVEX/XOP encodings")
+        operands = tuple(
+            _operand(instruction, number, text, raw) for number in range(instruction.op_count)
+        )
+        condition = instruction.condition_code
+        return Decoded(
+            mnemonic=_MNEMONICS.get(instruction.mnemonic, "?"),
+            code=_CODES.get(instruction.code, "?"),
+            raw=raw,
+            operands=operands,
+            lock=instruction.has_lock_prefix,
+            rep=instruction.has_rep_prefix,
+            repne=instruction.has_repne_prefix,
+            condition=None if condition == iced.ConditionCode.NONE else condition - 1,
+            stack_increment=instruction.stack_pointer_increment,
+            text=text,
+        )
+
+
+def _operand(instruction: iced.Instruction, number: int, text: str, raw: bytes) -> Operand:
+    kind = instruction.op_kind(number)
+    if kind == iced.OpKind.REGISTER:
+        register = instruction.op_register(number)
+        if iced.RegisterExt.is_gpr(register):
+            full = iced.RegisterExt.full_register(register)
+            shift = 8 if register in _HIGH_BYTE_REGISTERS else 0
+            return Reg(full - iced.Register.RAX, shift, iced.RegisterExt.size(register))
+        if iced.RegisterExt.is_cr(register):
+            return ControlReg(register - iced.Register.CR0)
+        raise Unsupported(f"'{text}' ({raw.hex(' ')}): register operand {number} is not a GPR")
+    if kind in _IMMEDIATES:
+        return Imm(instruction.immediate(number))
+    if kind == iced.OpKind.NEAR_BRANCH64:
+        return Branch(instruction.near_branch64)
+    if kind == iced.OpKind.MEMORY:
+        return _memory(instruction, text, raw)
+    if kind in _STRING_SOURCES or kind in _STRING_DESTINATIONS:
+        number = _RSI if kind in _STRING_SOURCES else _RDI
+        segment = _SEGMENTS[instruction.memory_segment] if number == _RSI else "es"
+        return StringMem(number, segment, iced.MemorySizeExt.size(instruction.memory_size))
+    if kind in _UNSUPPORTED_STRING_FORMS:
+        raise Unsupported(f"'{text}' ({raw.hex(' ')}): string instruction with 32-bit addresses")
+    raise Unsupported(f"'{text}' ({raw.hex(' ')}): operand kind {kind} is not modelled")
+
+
+def _memory(instruction: iced.Instruction, text: str, raw: bytes) -> Mem:
+    base = instruction.memory_base
+    index = instruction.memory_index
+    rip_relative = base in (iced.Register.RIP, iced.Register.EIP)
+    address_bits = 64
+    for register in (base, index):
+        if register == iced.Register.NONE or register in (iced.Register.RIP, iced.Register.EIP):
+            continue
+        if not iced.RegisterExt.is_gpr(register):
+            raise Unsupported(f"'{text}' ({raw.hex(' ')}): vector-indexed addressing")
+        if iced.RegisterExt.size(register) == 4:
+            address_bits = 32
+    if base == iced.Register.EIP:
+        address_bits = 32
+    # An absolute 0x67 address needs no mask: iced already zero-extends its disp32.
+    return Mem(
+        segment=_SEGMENTS[instruction.memory_segment],
+        base=None if base == iced.Register.NONE or rip_relative else _gpr_number(base),
+        rip_relative=rip_relative,
+        index=None if index == iced.Register.NONE else _gpr_number(index),
+        scale=instruction.memory_index_scale,
+        displacement=instruction.memory_displacement,
+        address_bits=address_bits,
+        size=iced.MemorySizeExt.size(instruction.memory_size),
+    )
+
+
+def _gpr_number(register: iced.Register_) -> int:
+    return int(iced.RegisterExt.full_register(register)) - int(iced.Register.RAX)

@@ -1,0 +1,207 @@
+"""Linear memory: every access goes canonical -> LASS -> paging (docs/machine.md "Checks").
+
+Bytes wrap modulo 2^64 and every byte is checked; a page-crossing access is checked page by
+page from the lowest address, and the first faulting piece decides. Stores are held back until the
+instruction completes, so a faulting instruction leaves no memory or trace effect (faults are
+precise); Accessed/Dirty bits set by the walks of allowed pieces do stay, as on hardware.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from lassfuzz.arch import MASK64, PAGE_MASK, PAGE_SIZE, VEC_GP, VEC_SS
+from lassfuzz.model.faults import CpuFault
+from lassfuzz.model.lass import Kind, Verdict, check_access
+from lassfuzz.model.paging import Translation, translate
+from lassfuzz.model.physical import PhysicalMemory
+from lassfuzz.model.state import Cpu
+from lassfuzz.outcome import Access
+
+#: The longest x86 instruction (SDM Vol. 2 2.3.11).
+MAX_INSTRUCTION_LENGTH: Final = 15
+_NONCANONICAL_LOW: Final = 0x0000_8000_0000_0000
+
+
+def is_canonical(address: int) -> bool:
+    """48-bit canonical form: bits 63:47 all equal (SDM Vol. 1 3.3.7.1; LA57 off)."""
+    return (address >> 47) in (0, 0x1FFFF)
+
+
+class Location:
+    """A checked data access: linear address, size and its physical pieces (frame, offset, n)."""
+
+    __slots__ = ("address", "pieces", "size")
+
+    def __init__(self, address: int, size: int, pieces: list[tuple[bytearray, int, int]]) -> None:
+        self.address = address
+        self.size = size
+        self.pieces = pieces
+
+
+class LinearMemory:
+    """The access path of one run, with the per-instruction pending stores and trace."""
+
+    __slots__ = ("_fetch_pages", "_pending", "_pending_trace", "cpu", "phys", "tlb", "trace")
+
+    def __init__(self, cpu: Cpu, phys: PhysicalMemory, *, trace: bool) -> None:
+        self.cpu = cpu
+        self.phys = phys
+        self.tlb: dict[int, Translation] = {}
+        self._fetch_pages: dict[int, bytearray] = {}
+        self._pending: list[tuple[bytearray, int, bytes]] = []
+        self.trace: list[Access] | None = [] if trace else None
+        self._pending_trace: list[Access] = []
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def locate(
+        self, address: int, size: int, kind: Kind, *, stack: bool, implicit: bool = False
+    ) -> Location:
+        """Check a data access of ``size`` bytes at linear ``address`` and find its frames.
+
+        ``kind`` is READ or WRITE (read-modify-write instructions check as WRITE); ``stack``
+        selects #SS over #GP (LASS.md §4; SDM Vol. 3A 6.15 for the canonical check).
+        """
+        access = kind.value
+        # 1. Canonical: with sizes <= 16 the first and last byte decide (SDM Vol. 1 3.3.7.1).
+        last = (address + size - 1) & MASK64
+        if not (is_canonical(address) and is_canonical(last)):
+            bad = address if not is_canonical(address) else _NONCANONICAL_LOW
+            raise CpuFault(
+                VEC_SS if stack else VEC_GP, 0,
+                f"non-canonical {'stack' if stack else 'data'} access at {bad:#x}",
+                access=access, address=bad,
+            )  # fmt: skip
+        # 2. LASS, before paging: a violation walks nothing and sets no A/D bit (LASS.md §4).
+        cpu = self.cpu
+        decision = check_access(
+            address, size, kind, implicit=implicit, stack=stack, cpl=cpu.cpl,
+            cr4=cpu.cr4, rflags=cpu.rflags, efer=cpu.efer, cs_l=cpu.cs_l,
+        )  # fmt: skip
+        if decision.verdict is Verdict.VIOLATION:
+            assert decision.vector is not None
+            raise CpuFault(
+                decision.vector, 0, decision.rule, access=access, address=decision.address
+            )
+        # 3. Paging, page by page from the lowest address (docs/machine.md "Checks"): for an
+        # access that wraps past 2^64 that is page 0, before the top page it starts in.
+        spans = []
+        linear = address
+        remaining = size
+        while remaining:
+            length = min(remaining, PAGE_SIZE - (linear & ~PAGE_MASK))
+            spans.append((linear, length))
+            linear = (linear + length) & MASK64
+            remaining -= length
+        write = kind is Kind.WRITE
+        user = cpu.cpl == 3 and not implicit
+        physical = {}
+        for linear, _ in sorted(spans) if len(spans) > 1 else spans:
+            physical[linear] = translate(
+                self.phys, self.tlb, linear, write=write, fetch=False, user=user,
+                implicit=implicit, cr0=cpu.cr0, cr3=cpu.cr3, cr4=cpu.cr4, efer=cpu.efer,
+                rflags=cpu.rflags,
+            )  # fmt: skip
+        pieces = [
+            (self.phys.frame(physical[linear]), physical[linear] & ~PAGE_MASK, length)
+            for linear, length in spans
+        ]
+        return Location(address, size, pieces)
+
+    def fetch_page(self, address: int) -> bytearray:
+        """Check an instruction fetch from ``address``'s page and return that page's frame.
+
+        Within one page every byte has the same half and the same translation, so the check of
+        the page stands for the check of every instruction byte on it. The result is cached
+        until a TLB flush (the inputs, CPL, CR0/CR3/CR4 and EFER, change only with one).
+        """
+        key = (address & PAGE_MASK) | (self.cpu.rflags >> 18 & 1)  # AC, an input of the check
+        frame = self._fetch_pages.get(key)
+        if frame is not None:
+            return frame
+        if not is_canonical(address):
+            raise CpuFault(VEC_GP, 0, f"fetch from non-canonical {address:#x}", access="fetch",
+                           address=address)  # fmt: skip
+        cpu = self.cpu
+        length = PAGE_SIZE - (address & ~PAGE_MASK)
+        decision = check_access(
+            address, length, Kind.FETCH, implicit=False, stack=False, cpl=cpu.cpl,
+            cr4=cpu.cr4, rflags=cpu.rflags, efer=cpu.efer, cs_l=cpu.cs_l,
+        )  # fmt: skip
+        if decision.verdict is Verdict.VIOLATION:
+            raise CpuFault(VEC_GP, 0, decision.rule, access="fetch", address=decision.address)
+        physical = translate(
+            self.phys, self.tlb, address, write=False, fetch=True, user=cpu.cpl == 3,
+            implicit=False, cr0=cpu.cr0, cr3=cpu.cr3, cr4=cpu.cr4, efer=cpu.efer,
+            rflags=cpu.rflags,
+        )  # fmt: skip
+        frame = self.phys.frame(physical)
+        self._fetch_pages[key] = frame
+        return frame
+
+    def flush_tlb(self) -> None:
+        """MOV CR0/CR3/CR4 and INVLPG invalidate cached translations (docs/machine.md)."""
+        self.tlb.clear()
+        self._fetch_pages.clear()
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def load(self, location: Location) -> int:
+        """The little-endian value at a checked location; traced as a read."""
+        pieces = location.pieces
+        if len(pieces) == 1 and not self._pending:
+            frame, offset, length = pieces[0]
+            value = int.from_bytes(frame[offset : offset + length], "little")
+        else:
+            value = int.from_bytes(b"".join(self._forwarded(piece) for piece in pieces), "little")
+        if self.trace is not None:
+            self._pending_trace.append(Access("read", location.address, location.size, value))
+        return value
+
+    def _forwarded(self, piece: tuple[bytearray, int, int]) -> bytes:
+        """A piece's bytes as this instruction sees them: memory overlaid with its own earlier
+        pending stores, in program order (ENTER reads what it has just pushed)."""
+        frame, offset, length = piece
+        chunk = bytearray(frame[offset : offset + length])
+        for pending_frame, pending_offset, data in self._pending:
+            if pending_frame is frame:
+                low = max(offset, pending_offset)
+                high = min(offset + length, pending_offset + len(data))
+                if low < high:
+                    chunk[low - offset : high - offset] = data[
+                        low - pending_offset : high - pending_offset
+                    ]
+        return bytes(chunk)
+
+    def store(self, location: Location, value: int) -> None:
+        """Queue a store to a checked location until the instruction completes."""
+        data = value.to_bytes(location.size, "little")
+        start = 0
+        for frame, offset, length in location.pieces:
+            self._pending.append((frame, offset, data[start : start + length]))
+            start += length
+        if self.trace is not None:
+            self._pending_trace.append(Access("write", location.address, location.size, value))
+
+    def read(self, address: int, size: int, *, stack: bool) -> int:
+        return self.load(self.locate(address, size, Kind.READ, stack=stack))
+
+    def write(self, address: int, size: int, value: int, *, stack: bool) -> None:
+        self.store(self.locate(address, size, Kind.WRITE, stack=stack), value)
+
+    # ---- instruction boundaries ------------------------------------------------------------
+
+    def commit(self) -> None:
+        """The instruction (or REP iteration) completed: apply its stores and trace."""
+        for frame, offset, data in self._pending:
+            frame[offset : offset + len(data)] = data
+        self._pending.clear()
+        if self.trace is not None and self._pending_trace:
+            self.trace.extend(self._pending_trace)
+            self._pending_trace.clear()
+
+    def discard(self) -> None:
+        """The instruction faulted: drop its stores and trace entries."""
+        self._pending.clear()
+        self._pending_trace.clear()
