@@ -1,0 +1,594 @@
+"""The Unicorn machine: one long-lived ``Uc`` that runs lassfuzz cases, with or without the shim.
+
+Set-up is done once: Broadwell CPU model (Haswell ignores SMAP), the case RAM mapped, a GDT and a
+boot stub above ``PHYS_CASE_END``, CPL0 and CPL3 entered through real IRETQs and saved as
+contexts. Per case: restore a context, reset memory, write the case's registers, flush the TLB
+and the translated code, run, and turn Unicorn's events into an :class:`Outcome`.
+
+With the shim (the default) Unicorn runs in virtual-TLB mode and the shim's fill hook is the MMU
+(see :mod:`lassfuzz.emulator.shim`). ``shim=False`` is *plain Unicorn* for benchmarks: its own
+``Uc`` with QEMU's own page walk (``UC_TLB_CPU``), no Python hook but the exception one, so the
+benchmark charges the shim with everything it adds (walk in Python, intercepts, pre-scan).
+
+Two Unicorn shortcomings are repaired by re-running the (deterministic) case with extra code
+hooks: a branch to a non-canonical target must fault at the branch (QEMU commits it and faults
+at the target), and a fault raised from the shim's fill hook leaves QEMU's lazy flags unsynced
+(RFLAGS loses bits set earlier in the same block).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import unicorn
+from unicorn.unicorn_const import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_ERR_EXCEPTION,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_WRITE,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_TLB_CPU,
+    UC_TLB_VIRTUAL,
+)
+from unicorn.x86_const import (
+    UC_CPU_X86_BROADWELL,
+    UC_X86_INS_CPUID,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR2,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_CS,
+    UC_X86_REG_EFLAGS,
+    UC_X86_REG_FS_BASE,
+    UC_X86_REG_GDTR,
+    UC_X86_REG_GS_BASE,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSP,
+)
+
+from lassfuzz.arch import (
+    CR0_AM,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    PAGE_SIZE,
+    RFLAGS_TF,
+    VEC_GP,
+    VEC_PF,
+    VEC_UD,
+    VECTORS_WITH_ERROR_CODE,
+)
+from lassfuzz.case import PHYS_CASE_END, CaseFormatError, MemoryImage, TestCase, materialize
+from lassfuzz.emulator.decode import MAX_INSTRUCTION_BYTES, Prescan, prescan
+from lassfuzz.emulator.shim import (
+    GPR_IDS,
+    SUPPORTED_CR4,
+    CaseRun,
+    FastPort,
+    Stop,
+    is_canonical,
+)
+from lassfuzz.outcome import Fault, Outcome, Registers, Status
+from lassfuzz.policies import BUILTIN, DEFAULT_POLICY, Policy
+
+#: Unicorn's Python binding is untyped for x86: it is used through these two names only.
+_UNICORN: Final[Any] = unicorn
+UcError: Final[type[Exception]] = _UNICORN.UcError
+MSR_EFER: Final = 0xC000_0080
+#: Machine-only physical memory above the case RAM: GDT, boot code, boot stack, landing pad.
+GDT_BASE: Final = PHYS_CASE_END
+BOOT_CODE: Final = PHYS_CASE_END + PAGE_SIZE
+BOOT_STACK_TOP: Final = PHYS_CASE_END + 3 * PAGE_SIZE
+LANDING: Final = PHYS_CASE_END + 3 * PAGE_SIZE
+MACHINE_END: Final = PHYS_CASE_END + 4 * PAGE_SIZE
+KERNEL_CS, KERNEL_SS, USER_CS, USER_SS = 0x08, 0x10, 0x1B, 0x23
+_GDT: Final = (
+    0,
+    0x0020_9A00_0000_0000,  # 0x08: ring-0 64-bit code
+    0x0000_9200_0000_0000,  # 0x10: ring-0 data
+    0x0020_FA00_0000_0000,  # 0x18: ring-3 64-bit code
+    0x0000_F200_0000_0000,  # 0x20: ring-3 data
+)
+_IRETQ: Final = bytes.fromhex("48cf")
+_ZERO_PAGE: Final = bytes(PAGE_SIZE)
+_UC_GPRS: Final = tuple(GPR_IDS[key] for key in sorted(GPR_IDS))
+_FINAL_REGISTERS: Final = (
+    *(GPR_IDS[key] for key in sorted(GPR_IDS)),
+    UC_X86_REG_RIP,
+    UC_X86_REG_EFLAGS,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_FS_BASE,
+    UC_X86_REG_GS_BASE,
+)
+
+
+class EmulatorSelfTestError(RuntimeError):
+    """Unicorn does not behave as the machine was validated against; the message says how."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Extra code hooks for a re-run: ``callback(run, address)`` before each listed address."""
+
+    addresses: frozenset[int]
+    callback: Callable[[CaseRun, int], None]
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """What one ``emu_start`` left behind, before interpretation."""
+
+    run: CaseRun
+    error: int | None
+    vector: int | None
+    seconds: float
+
+
+class UnicornMachine:
+    """Runs cases on Unicorn 2.1.4 with the LASS shim (an :class:`~lassfuzz.outcome.Engine`)."""
+
+    name = "unicorn"
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        shim: bool = True,
+        max_instructions: int = 10_000,
+        policy_name: str | None = None,
+        timeout: float | None = None,
+        exact_flags: bool = True,
+    ) -> None:
+        """``timeout`` (seconds) arms Unicorn's wall-clock timer as a safety net. It is off by
+        default: the timer starts a thread per run (~100 us, four times a short case's cost),
+        and ``max_instructions`` already bounds every run (REP iterations count, measured).
+        ``exact_flags=False`` skips the re-run that repairs RFLAGS after a fault in a block
+        that modified flags (see :meth:`_with_exact_flags`): ~10% faster, ~1-2% of faulting
+        cases then report RFLAGS bits QEMU lost."""
+        if max_instructions < 1:
+            raise ValueError(f"max_instructions {max_instructions} must be positive")
+        self.policy: Policy = BUILTIN[DEFAULT_POLICY] if policy is None else policy
+        self.policy_name = policy_name or _policy_name(self.policy)
+        self.shim = shim
+        self.max_instructions = max_instructions
+        self.timeout = timeout
+        self.exact_flags = exact_flags
+        self._run: CaseRun | None = None  # None while booting: the fill hook maps identity
+        self._vector: int | None = None
+        self._used_frames: set[int] = set()
+        self._exec_frames: set[int] = set()
+        self._previous_code: tuple[int, int] | None = None
+        self._uc = self._create()
+        self._port = FastPort(self._uc)
+        self._contexts = self._boot()
+        from lassfuzz.emulator.selftest import check_machine
+
+        check_machine(self)
+
+    # ------------------------------------------------------------------------- set-up
+
+    def _create(self) -> Any:  # unicorn's x86 Uc API is untyped
+        uc = _UNICORN.Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(UC_CPU_X86_BROADWELL)  # before mem_map: Haswell ignores SMAP
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL if self.shim else UC_TLB_CPU)
+        uc.mem_map(0, MACHINE_END)
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        if self.shim:
+            uc.hook_add(UC_HOOK_TLB_FILL, self._on_fill)
+            uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, aux1=UC_X86_INS_CPUID)
+        return uc
+
+    def _boot(self) -> dict[int, Any]:
+        """Enter CPL0 and CPL3 through real IRETQs (writing CS does not change CPL in Unicorn)."""
+        uc = self._uc
+        uc.mem_write(GDT_BASE, b"".join(struct.pack("<Q", d) for d in _GDT))
+        uc.reg_write(UC_X86_REG_GDTR, (0, GDT_BASE, 8 * len(_GDT) - 1, 0))
+        uc.mem_write(BOOT_CODE, _IRETQ)
+        contexts = {}
+        for cpl, cs, ss in ((0, KERNEL_CS, KERNEL_SS), (3, USER_CS, USER_SS)):
+            frame = struct.pack("<5Q", LANDING, cs, 0x2, BOOT_STACK_TOP, ss)
+            uc.mem_write(BOOT_STACK_TOP - PAGE_SIZE, frame)
+            uc.reg_write(UC_X86_REG_RSP, BOOT_STACK_TOP - PAGE_SIZE)
+            uc.emu_start(BOOT_CODE, LANDING, count=1)
+            if self._vector is not None or uc.reg_read(UC_X86_REG_CS) != cs:
+                raise EmulatorSelfTestError(
+                    f"boot: IRETQ to CPL{cpl} failed (CS {uc.reg_read(UC_X86_REG_CS):#x}, "
+                    f"exception {self._vector})"
+                )
+            contexts[cpl] = uc.context_save()
+        return contexts
+
+    # ------------------------------------------------------------------------- hooks
+
+    def _on_fill(self, uc: Any, address: int, access: int, entry: Any, _: object) -> bool:
+        run = self._run
+        if run is None:  # booting, or invalidating translated code by physical address
+            if address >= MACHINE_END:
+                return False
+            entry.paddr = address
+            entry.perms = UC_PROT_ALL
+            return True
+        return run.fill(address, access, entry)
+
+    def _on_interrupt(self, uc: Any, vector: int, _: object) -> None:
+        self._vector = vector
+        uc.emu_stop()
+
+    def _on_block(self, uc: Any, address: int, size: int, _: object) -> None:
+        run = self._run
+        if run is None:
+            return
+        run.new_block(address)
+        stop = run.check_block(address)
+        if stop is not None:
+            run.stop = stop
+            uc.emu_stop()
+
+    def _on_cpuid(self, uc: Any, _: object) -> int:
+        assert self._run is not None
+        return self._run.cpuid()
+
+    def _on_intercept(self, uc: Any, address: int, size: int, _: object) -> None:
+        assert self._run is not None
+        self._run.intercept(address)
+
+    # ------------------------------------------------------------------------- running
+
+    def run(self, case: TestCase, *, trace: bool = False) -> Outcome:
+        """Run ``case`` from its initial state to completion, a fault, HLT or the budget."""
+        reason = _unsupported_state(case)
+        if reason is not None:
+            return Outcome(self.name, Status.UNSUPPORTED, detail=reason)
+        try:
+            image = materialize(case)
+        except CaseFormatError as error:
+            return Outcome(self.name, Status.UNSUPPORTED, detail=f"case layout: {error}")
+        scan = prescan(case.code, case.code_address, _following_bytes(case, image))
+        try:
+            execution = self._execute(case, image, scan, trace=trace)
+            stop = self._interpret(case, execution)
+            if _is_noncanonical_branch(stop):
+                execution, stop = self._fault_at_branch(case, image, scan, stop, trace=trace)
+            elif (
+                self.exact_flags
+                and stop.fault is not None
+                and execution.run.flags_may_be_stale(stop.fault.rip)
+            ):
+                execution = self._with_exact_flags(case, image, scan, stop.fault.rip, trace=trace)
+        except UcError as error:
+            return Outcome(self.name, Status.ERROR, detail=f"unicorn: {error}")
+        return self._outcome(execution, stop, image)
+
+    def _execute(
+        self,
+        case: TestCase,
+        image: MemoryImage,
+        scan: Prescan,
+        *,
+        trace: bool,
+        watch: Watch | None = None,
+        rerun_of: CaseRun | None = None,
+        replay: bool = False,
+    ) -> _Execution:
+        """Reset the machine for ``case`` and run it. A re-run of the case just run
+        (``rerun_of``) restores only the frames that run wrote; with ``replay`` its fills are
+        answered from that run's walks."""
+        uc = self._uc
+        run = CaseRun(
+            self._port,
+            case,
+            image,
+            scan,
+            self.policy,
+            self.policy_name,
+            shim=self.shim,
+            trace=trace,
+            replay=rerun_of if replay else None,
+        )
+        watched = (
+            {image.page_frames.get(address & ~(PAGE_SIZE - 1)) for address in watch.addresses}
+            if watch
+            else set()
+        )
+        self._reset(case, image, rerun_of, {frame for frame in watched if frame is not None})
+        hooks = self._case_hooks(run, scan, trace=trace, watch=watch)
+        self._run = run
+        self._vector = None
+        error: int | None = None
+        started = time.monotonic()
+        try:
+            uc.emu_start(
+                case.code_address,
+                case.code_end,
+                timeout=0 if self.timeout is None else int(self.timeout * 1_000_000),
+                count=self.max_instructions,
+            )
+        except UcError as failure:
+            error = int(getattr(failure, "errno", -1))
+        finally:
+            for handle in hooks:
+                uc.hook_del(handle)
+            self._exec_frames |= run.exec_frames
+        return _Execution(run, error, self._vector, time.monotonic() - started)
+
+    def _reset(
+        self,
+        case: TestCase,
+        image: MemoryImage,
+        rerun_of: CaseRun | None,
+        watched_frames: set[int],
+    ) -> None:
+        """Memory, translated code, context, registers and TLB for a fresh case."""
+        uc = self._uc
+        if rerun_of is not None:
+            self._invalidate_code(watched_frames)
+            for frame in rerun_of.written_frames:
+                uc.mem_write(frame, image.frames[frame])
+        else:
+            self._invalidate_code()
+            # With the shim the tables stay in Python (CaseRun.tables); QEMU's walk needs them.
+            frames = image.frames.keys() - image.table_frames if self.shim else image.frames.keys()
+            for frame in self._used_frames - frames:
+                uc.mem_write(frame, _ZERO_PAGE)
+            for frame in frames:
+                uc.mem_write(frame, image.frames[frame])
+            self._used_frames = set(frames)
+        state = case.state
+        uc.context_restore(self._contexts[state.cpl])  # also clears QEMU's stale old_exception
+        uc.msr_write(MSR_EFER, state.efer)
+        uc.reg_write_batch(
+            [
+                *zip(_UC_GPRS, state.gprs, strict=True),
+                (UC_X86_REG_CR4, state.cr4),
+                (UC_X86_REG_CR0, state.cr0),
+                (UC_X86_REG_CR3, image.cr3),
+                (UC_X86_REG_EFLAGS, state.rflags),
+                (UC_X86_REG_FS_BASE, state.fs_base),
+                (UC_X86_REG_GS_BASE, state.gs_base),
+                (UC_X86_REG_RIP, case.code_address),
+            ]
+        )
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._previous_code = (case.code_address, len(case.code) + MAX_INSTRUCTION_BYTES)
+
+    def _invalidate_code(self, frames: set[int] | None = None) -> None:
+        """Drop translated code of the previous case (``mem_write`` does not invalidate TBs),
+        or only of ``frames`` (a re-run's new code hooks exist only in fresh TBs).
+
+        TBs are keyed by physical address. With the shim, the fill hook maps identity while no
+        case runs, so the frames the previous case could execute are invalidated directly; plain
+        Unicorn still has the previous case's paging, so its code range is invalidated linearly.
+        """
+        uc = self._uc
+        self._run = None
+        if self.shim:
+            for frame in self._exec_frames if frames is None else frames:
+                uc.ctl_remove_cache(frame, frame + PAGE_SIZE)
+            if frames is None:
+                self._exec_frames = set()
+        elif self._previous_code is not None:
+            address, size = self._previous_code
+            uc.ctl_remove_cache(address, address + size)
+
+    def _case_hooks(
+        self,
+        run: CaseRun,
+        scan: Prescan,
+        *,
+        trace: bool,
+        watch: Watch | None,
+    ) -> list[int]:
+        if not self.shim:
+            return []
+        uc = self._uc
+        hooks = [
+            uc.hook_add(UC_HOOK_CODE, self._on_intercept, begin=address, end=address)
+            for address in scan.intercepts
+        ]
+        if watch is not None:
+
+            def on_watched(uc: Any, address: int, size: int, _: object) -> None:
+                watch.callback(run, address)
+
+            hooks += [
+                uc.hook_add(UC_HOOK_CODE, on_watched, begin=address, end=address)
+                for address in watch.addresses
+            ]
+        if trace:
+            hooks.append(uc.hook_add(UC_HOOK_CODE, lambda *_: run.on_instruction()))
+            hooks.append(
+                uc.hook_add(
+                    UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
+                    lambda _uc, access, address, size, value, _ud: run.on_memory(
+                        access, address, size, value
+                    ),
+                )
+            )
+        return hooks
+
+    # ------------------------------------------------------------------------- results
+
+    def _interpret(self, case: TestCase, execution: _Execution) -> Stop:
+        """Unicorn's raw ending (hook decision, refused fill, exception, error) → a Stop."""
+        run = execution.run
+        rip = self._uc.reg_read(UC_X86_REG_RIP)
+        if run.stop is not None:
+            return run.stop
+        if execution.error == UC_ERR_EXCEPTION and run.refusal is not None:
+            return run.fault_from_refusal(rip)
+        if execution.vector is not None:
+            return self._qemu_exception(execution.vector, rip)
+        if execution.error == UC_ERR_INSN_INVALID:
+            return Stop(Status.FAULT, Fault(VEC_UD, None, rip), detail="invalid opcode")
+        if execution.error is not None:
+            return Stop(Status.ERROR, detail=f"unicorn: {_UNICORN.UcError(execution.error)}")
+        if rip == case.code_end:
+            return Stop(Status.COMPLETED)
+        if self.timeout is not None and execution.seconds >= self.timeout:
+            return Stop(Status.HANG, detail=f"wall-clock timeout ({self.timeout} s)")
+        return Stop(Status.HANG, detail=f"budget of {self.max_instructions} instructions spent")
+
+    def _qemu_exception(self, vector: int, rip: int) -> Stop:
+        """An exception QEMU raised itself (privileged instruction, #DE, ...): error code 0."""
+        if vector == VEC_PF:
+            if self.shim:
+                return Stop(Status.ERROR, detail="QEMU raised #PF although the shim is the MMU")
+            cr2 = self._uc.reg_read(UC_X86_REG_CR2)
+            return Stop(Status.FAULT, Fault(VEC_PF, 0, rip, cr2=cr2), detail="plain Unicorn #PF")
+        error_code = 0 if vector in VECTORS_WITH_ERROR_CODE else None
+        return Stop(Status.FAULT, Fault(vector, error_code, rip), detail="raised by QEMU")
+
+    def _fault_at_branch(
+        self, case: TestCase, image: MemoryImage, scan: Prescan, stop: Stop, *, trace: bool
+    ) -> tuple[_Execution, Stop]:
+        """A branch to a non-canonical target faults *at the branch*, with no side effects;
+        QEMU reports RIP = target after committing them. Re-run the (deterministic) case twice:
+        once to find the last branch executed, once to stop just before it."""
+        assert stop.fault is not None
+        hits: list[int] = []
+        record = Watch(scan.branches, lambda _run, address: hits.append(address))
+        self._execute(case, image, scan, trace=False, watch=record, rerun_of=self._run)
+        if not hits:
+            return self._execute(case, image, scan, trace=trace), Stop(
+                Status.UNSUPPORTED,
+                detail=f"fetch of non-canonical {stop.fault.rip:#x} without a branch",
+            )
+        branch, occurrence = hits[-1], hits.count(hits[-1])
+        seen = 0
+        target = stop.fault.rip
+
+        def stop_at_branch(run: CaseRun, address: int) -> None:
+            nonlocal seen
+            if address != branch:
+                return
+            seen += 1
+            if seen == occurrence:
+                fault = Fault(VEC_GP, 0, branch, access="fetch", address=target)
+                detail = f"branch to non-canonical {target:#x}"
+                run.stop = Stop(Status.FAULT, fault, detail=detail)
+                run.uc.emu_stop()
+
+        watch = Watch(frozenset({branch}), stop_at_branch)
+        execution = self._execute(case, image, scan, trace=trace, watch=watch, rerun_of=self._run)
+        assert execution.run.stop is not None
+        return execution, execution.run.stop
+
+    def _with_exact_flags(
+        self, case: TestCase, image: MemoryImage, scan: Prescan, rip: int, *, trace: bool
+    ) -> _Execution:
+        """Re-run a case whose fault may have left QEMU's lazy flags unsynced, recording RFLAGS
+        in a code hook on the faulting instruction (exact there); the last record is the one.
+
+        When the shim refuses a fill, Unicorn leaves the TB without restoring QEMU's
+        translation-time flags state, so RFLAGS loses bits set by earlier instructions of the
+        same block (measured: ``adc r8, imm; mov r8w, [unmapped]`` reports RFLAGS = 0x2).
+        """
+
+        def record(run: CaseRun, address: int) -> None:
+            run.flags_before = (address, run.uc.reg_read(UC_X86_REG_EFLAGS))
+
+        watch = Watch(frozenset({rip}), record)
+        return self._execute(
+            case, image, scan, trace=trace, watch=watch, rerun_of=self._run, replay=True
+        )
+
+    def _outcome(self, execution: _Execution, stop: Stop, image: MemoryImage) -> Outcome:
+        uc = self._uc
+        values = uc.reg_read_batch(_FINAL_REGISTERS)
+        gprs = tuple(int(value) for value in values[:16])
+        rip, rflags, cr0, cr3, cr4, fs_base, gs_base = (int(value) for value in values[16:])
+        if stop.fault is not None:
+            rflags = execution.run.rflags_at_fault(stop.fault.rip, rflags)
+        registers = Registers(
+            gprs=gprs,
+            rip=stop.rip if stop.rip is not None else rip,
+            rflags=rflags,
+            cr0=cr0,
+            cr3=cr3,
+            cr4=cr4,
+            efer=uc.msr_read(MSR_EFER),
+            cpl=execution.run.cpl,
+            fs_base=fs_base,
+            gs_base=gs_base,
+        )
+        tables = execution.run.tables if self.shim else {}
+        memory = {
+            frame: bytes(tables[frame]) if frame in tables else bytes(uc.mem_read(frame, PAGE_SIZE))
+            for frame in image.frames
+        }
+        faulted = stop.status is Status.FAULT
+        return Outcome(
+            engine=self.name,
+            status=stop.status,
+            registers=registers,
+            fault=stop.fault,
+            memory=memory,
+            trace=execution.run.final_trace(faulted=faulted),
+            detail=stop.detail,
+        )
+
+
+def _policy_name(policy: Policy) -> str:
+    for name, builtin in BUILTIN.items():
+        if builtin is policy:
+            return name
+    module = getattr(policy, "__module__", "?")
+    return f"{module}:{getattr(policy, '__qualname__', repr(policy))}"
+
+
+def _unsupported_state(case: TestCase) -> str | None:
+    """Initial states the machine does not model (docs/machine.md)."""
+    state = case.state
+    supported_cr4 = SUPPORTED_CR4 | (1 << 27 if state.lass_supported else 0)
+    if state.cr4 & ~supported_cr4 or not state.cr4 & CR4_PAE:
+        return f"initial CR4 {state.cr4:#x} has unsupported bits or lacks PAE"
+    if state.cr0 & CR0_AM:
+        return "CR0.AM = 1 (alignment checking is not modelled)"
+    if not state.cr0 & CR0_PG or not state.cr0 & CR0_PE or state.cr0 >> 32:
+        return f"initial CR0 {state.cr0:#x} is not a paged protected-mode value"
+    if state.efer & (EFER_LME | EFER_LMA) != EFER_LME | EFER_LMA:
+        return f"initial EFER {state.efer:#x} is not long mode"
+    if state.rflags & RFLAGS_TF:
+        return "RFLAGS.TF = 1 (single-step is not modelled)"
+    if not is_canonical(case.code_address):
+        return f"code address {case.code_address:#x} is not canonical"
+    return None
+
+
+def _following_bytes(case: TestCase, image: MemoryImage) -> bytes:
+    """The image bytes right after the code (an instruction may run past ``code_end``)."""
+    end = case.code_end
+    page = end & ~(PAGE_SIZE - 1)
+    frame = image.page_frames.get(page)
+    if frame is None:
+        return b""
+    offset = end - page
+    return bytes(image.frames[frame][offset : offset + MAX_INSTRUCTION_BYTES])
+
+
+def _is_noncanonical_branch(stop: Stop) -> bool:
+    fault = stop.fault
+    return (
+        fault is not None
+        and fault.vector == VEC_GP
+        and fault.access == "fetch"
+        and not is_canonical(fault.rip)
+    )
