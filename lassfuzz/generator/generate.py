@@ -1,0 +1,77 @@
+"""Deterministic case generation: ``generate_case(seed, index)``.
+
+Each case draws from its own stream (numpy ``SeedSequence(seed, spawn_key=(index,))`` seeding a
+private ``random.Random``), so a case depends only on (seed, index, config): not on the process,
+the number of workers or the order cases are made in.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any, Final
+
+from lassfuzz.arch import MASK64
+from lassfuzz.case import TestCase
+from lassfuzz.generator.choices import Chooser, RandomChooser, Weighted
+from lassfuzz.generator.config import DEFAULT_CONFIG, GROUPS, ConfigError, GeneratorConfig
+from lassfuzz.generator.instructions import (
+    PRIVILEGED_GROUPS,
+    TERMINAL_GROUPS,
+    CodeBuilder,
+    assemble,
+    landing_pad,
+)
+from lassfuzz.generator.layout import draw_setup
+
+__all__ = ["GENERATOR_VERSION", "ConfigError", "GeneratorConfig", "build_case", "generate_case"]
+
+#: Recorded in ``case.meta``; bump whenever the same (seed, index, config) would give another case.
+GENERATOR_VERSION: Final = "lassfuzz-gen-1"
+
+
+@functools.lru_cache(maxsize=32)
+def _group_tables(config: GeneratorConfig, cpl: int) -> tuple[Weighted[str], Weighted[str]]:
+    """Weighted group tables for the body and for the last group (terminators only last).
+
+    At CPL3 privileged groups (which just #GP there) get a quarter of their weight, so that
+    user-mode cases still run past them most of the time.
+    """
+    order = {name: position for position, name in enumerate(GROUPS)}
+    pairs = sorted(config.groups, key=lambda pair: order[pair[0]])
+    if cpl == 3:
+        pairs = [(n, -(-w // 4) if n in PRIVILEGED_GROUPS else w) for n, w in pairs]
+    body = [(name, weight) for name, weight in pairs if name not in TERMINAL_GROUPS]
+    if not any(weight for _, weight in body):
+        raise ConfigError("groups: only terminal groups (hlt, ud2) have a positive weight")
+    return Weighted.of(body), Weighted.of(pairs)
+
+
+def build_case(chooser: Chooser, config: GeneratorConfig, meta: dict[str, Any]) -> TestCase:
+    """Draw one case from ``chooser``: the single generation logic behind both choice sources."""
+    setup = draw_setup(chooser, config)
+    body, last = _group_tables(config, setup.control.cpl)
+    layout = setup.layout
+    count = chooser.integer(config.min_instructions, config.max_instructions)
+    groups = CodeBuilder(chooser, config, setup).build(count, body, last)
+    code = assemble(groups, layout.code_address)
+    pad_code = landing_pad((layout.code_address + len(code)) & MASK64)
+    pads = tuple(replace(pad, data=pad_code) for pad in layout.pads)
+    code_pages = () if layout.code_page is None else (layout.code_page,)
+    return TestCase(
+        state=setup.state(),
+        code=code,
+        code_address=layout.code_address,
+        pages=(*layout.pages, *pads, *code_pages),
+        meta=MappingProxyType(meta),
+    )
+
+
+def generate_case(seed: int, index: int, config: GeneratorConfig = DEFAULT_CONFIG) -> TestCase:
+    """Case ``index`` of the campaign with ``seed``; the same arguments give the same case."""
+    meta: dict[str, Any] = {"seed": seed, "index": index, "generator": GENERATOR_VERSION}
+    changed = config.to_dict()
+    if changed:
+        meta["config"] = changed
+    return build_case(RandomChooser.for_case(seed, index), config, meta)

@@ -1,0 +1,848 @@
+"""Instruction groups: the code of a case, built from choices and encoded with iced-x86.
+
+A *group* is one or more instructions kept together (a branch never lands inside one), e.g.
+``mov ecx, 3; rep stosq`` so that RCX is always small, or ``pushfq; or qword [rsp], AC; popfq``.
+Branches only go forward to group starts or to the code end, so cases cannot loop.
+
+Two invariants are kept by construction rather than checked afterwards:
+
+- *No store reaches code*: memory operands are formed from registers whose values the layout
+  fixes (see :mod:`lassfuzz.generator.layout`) and aim at data pages only.
+- *No undefined flag is read*: the builder tracks which status flags may be undefined on some
+  path (BT*, logic ops, MOV CR leave some undefined) and puts a ``cmp`` before any reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, cast
+
+from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register, RepPrefixKind
+
+if TYPE_CHECKING:  # iced's stubs type codes and registers as enums; at run time they are ints
+    from iced_x86._iced_x86_py import Code as CodeValue
+    from iced_x86._iced_x86_py import Register as RegisterValue
+
+from lassfuzz.arch import (
+    CR0_WP,
+    CR4_LA57,
+    CR4_LASS,
+    CR4_PAE,
+    CR4_SMAP,
+    CR4_SMEP,
+    MASK64,
+    PAGE_SIZE,
+    RFLAGS_AC,
+    RFLAGS_AF,
+    RFLAGS_CF,
+    RFLAGS_DF,
+    RFLAGS_FIXED1,
+    RFLAGS_OF,
+    RFLAGS_PF,
+    RFLAGS_SF,
+    RFLAGS_STATUS,
+    RFLAGS_ZF,
+)
+from lassfuzz.generator.choices import Chooser, Weighted
+from lassfuzz.generator.config import GeneratorConfig
+from lassfuzz.generator.layout import (
+    HOME_REGISTERS,
+    INDEX_REGISTER,
+    SCRATCH_REGISTERS,
+    STRING_REGISTERS,
+    Setup,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Intermediate form: position-independent instructions, and the few that need final addresses.
+# ------------------------------------------------------------------------------------------------
+
+#: A branch target: a later group index (at or past the last group means the code end).
+GroupIndex = int
+
+
+@dataclass(frozen=True, eq=False)
+class Fixed:
+    """An instruction whose encoding does not depend on where it is placed."""
+
+    instruction: Instruction
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A relative branch to a later group; the short form is used when it surely reaches."""
+
+    short: CodeValue | None
+    near: CodeValue
+    target: GroupIndex
+
+
+@dataclass(frozen=True)
+class CodeAddress:
+    """``mov register, imm64`` loading the address of a later group (for indirect branches)."""
+
+    register: RegisterValue
+    target: GroupIndex
+
+
+Op = Fixed | Branch | CodeAddress
+
+_NEAR_SIZES: Final[dict[CodeValue, int]] = {Code.JMP_REL32_64: 5, Code.CALL_REL32_64: 5}
+_MOV_IMM64_SIZE: Final = 10
+
+
+def _branch_size(code: CodeValue) -> int:
+    return _NEAR_SIZES.get(code, 6)  # Jcc rel32 is 0F 8x + rel32
+
+
+def assemble(groups: Sequence[Sequence[Op]], address: int) -> bytes:
+    """Encode ``groups`` at ``address``: two passes, so branch forms and targets are exact."""
+    encoder = Encoder(64)
+    flat = [(index, op) for index, group in enumerate(groups) for op in group]
+    fixed: dict[int, bytes] = {}
+    upper: list[int] = []  # a size no encoding of the op exceeds
+    for position, (_, op) in enumerate(flat):
+        if isinstance(op, Fixed):
+            encoder.encode(op.instruction, 0)
+            fixed[position] = encoder.take_buffer()
+            upper.append(len(fixed[position]))
+        elif isinstance(op, Branch):
+            upper.append(_branch_size(op.near))
+        else:
+            upper.append(_MOV_IMM64_SIZE)
+    group_start = [0] * (len(groups) + 1)  # first flat position of each group (and the end)
+    position = 0
+    for index, group in enumerate(groups):
+        group_start[index] = position
+        position += len(group)
+    group_start[len(groups)] = position
+    before = [0]
+    for size in upper:
+        before.append(before[-1] + size)
+
+    def start_position(target: GroupIndex) -> int:
+        return group_start[min(target, len(groups))]
+
+    short: set[int] = set()
+    for position, (_, op) in enumerate(flat):
+        if isinstance(op, Branch) and op.short is not None:
+            reach = before[start_position(op.target)] - before[position + 1]
+            if reach <= 127:
+                short.add(position)
+    offsets = [0]
+    for position, size in enumerate(upper):
+        offsets.append(offsets[-1] + (2 if position in short else size))
+
+    def target_address(target: GroupIndex) -> int:
+        return (address + offsets[start_position(target)]) & MASK64
+
+    out = bytearray()
+    for position, (_, op) in enumerate(flat):
+        ip = (address + offsets[position]) & MASK64
+        if isinstance(op, Fixed):
+            out += fixed[position]
+            continue
+        if isinstance(op, Branch):
+            code = op.short if position in short and op.short is not None else op.near
+            instruction = Instruction.create_branch(code, target_address(op.target))
+        else:
+            instruction = Instruction.create_reg_u64(
+                Code.MOV_R64_IMM64, op.register, target_address(op.target)
+            )
+        encoder.encode(instruction, ip)
+        out += encoder.take_buffer()
+    return bytes(out)
+
+
+def landing_pad(code_end: int) -> bytes:
+    """Code for a landing page: ``mov rax, code_end; jmp rax`` ends the case normally."""
+    encoder = Encoder(64)
+    encoder.encode(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RAX, code_end), 0)
+    encoder.encode(Instruction.create_reg(Code.JMP_RM64, Register.RAX), 0)
+    return encoder.take_buffer()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+SIZES: Final = (8, 16, 32, 64)
+_SIZED_NAMES: Final = {
+    Register.RAX: ("AL", "AX", "EAX", "RAX"),
+    Register.RCX: ("CL", "CX", "ECX", "RCX"),
+    Register.RDX: ("DL", "DX", "EDX", "RDX"),
+    Register.RBX: ("BL", "BX", "EBX", "RBX"),
+    Register.RSP: ("SPL", "SP", "ESP", "RSP"),
+    Register.RBP: ("BPL", "BP", "EBP", "RBP"),
+    Register.RSI: ("SIL", "SI", "ESI", "RSI"),
+    Register.RDI: ("DIL", "DI", "EDI", "RDI"),
+    **{getattr(Register, f"R{n}"): (f"R{n}L", f"R{n}W", f"R{n}D", f"R{n}") for n in range(8, 16)},
+}
+_SIZED: Final[dict[tuple[RegisterValue, int], RegisterValue]] = {
+    (register, size): getattr(Register, names[SIZES.index(size)])
+    for register, names in _SIZED_NAMES.items()
+    for size in SIZES
+}
+#: Registers that may be read as data (anything but RSP, which would make pushes odd).
+READABLE: Final = (*SCRATCH_REGISTERS, *HOME_REGISTERS, *STRING_REGISTERS, INDEX_REGISTER)
+
+
+def sized(register: RegisterValue, size: int) -> RegisterValue:
+    """The ``size``-bit view of a 64-bit GPR."""
+    return _SIZED[(register, size)]
+
+
+def _code(name: str) -> CodeValue:
+    return cast("CodeValue", getattr(Code, name))
+
+
+#: Condition codes, simplest first, with the status flags each reads.
+CONDITIONS: Final = (
+    ("E", RFLAGS_ZF),
+    ("NE", RFLAGS_ZF),
+    ("B", RFLAGS_CF),
+    ("AE", RFLAGS_CF),
+    ("BE", RFLAGS_CF | RFLAGS_ZF),
+    ("A", RFLAGS_CF | RFLAGS_ZF),
+    ("S", RFLAGS_SF),
+    ("NS", RFLAGS_SF),
+    ("O", RFLAGS_OF),
+    ("NO", RFLAGS_OF),
+    ("P", RFLAGS_PF),
+    ("NP", RFLAGS_PF),
+    ("L", RFLAGS_SF | RFLAGS_OF),
+    ("GE", RFLAGS_SF | RFLAGS_OF),
+    ("LE", RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF),
+    ("G", RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF),
+)
+
+#: ALU operations: (mnemonic, flags read, flags left undefined, writes its destination).
+_ALU: Final = (
+    ("ADD", 0, 0, True),
+    ("SUB", 0, 0, True),
+    ("CMP", 0, 0, False),
+    ("AND", 0, RFLAGS_AF, True),
+    ("OR", 0, RFLAGS_AF, True),
+    ("XOR", 0, RFLAGS_AF, True),
+    ("TEST", 0, RFLAGS_AF, False),
+    ("ADC", RFLAGS_CF, 0, True),
+    ("SBB", RFLAGS_CF, 0, True),
+)
+#: Unary operations: (mnemonic, flags defined).
+_UNARY: Final = (
+    ("INC", RFLAGS_STATUS & ~RFLAGS_CF),
+    ("DEC", RFLAGS_STATUS & ~RFLAGS_CF),
+    ("NOT", 0),
+    ("NEG", RFLAGS_STATUS),
+)
+_BT_UNDEFINED: Final = RFLAGS_OF | RFLAGS_SF | RFLAGS_AF | RFLAGS_PF
+
+#: Offsets inside a target page, simplest first; "cross" straddles the page's end.
+_OFFSET_KINDS: Final = Weighted.of(
+    [("start", 2), ("aligned", 4), ("last", 2), ("cross", 3), ("any", 2), ("wrap-end", 1)]
+)
+_SEGMENT_OVERRIDES: Final = (Register.SS, Register.FS, Register.GS)
+_RFLAGS_TOGGLES: Final = (RFLAGS_AC, RFLAGS_DF, RFLAGS_CF, RFLAGS_ZF, RFLAGS_AC | RFLAGS_DF)
+_CR4_TOGGLES: Final = Weighted.of(
+    [
+        (CR4_LASS, 8),
+        (CR4_SMAP, 3),
+        (CR4_SMEP, 2),
+        (CR4_LASS | CR4_SMAP, 2),
+        (CR4_LA57, 1),  # unsupported: #GP(0)
+        (CR4_PAE, 1),  # clearing PAE in long mode: #GP(0)
+    ]
+)
+_CPUID_LEAVES: Final = ((7, 1), (7, 0), (0, 0))
+_STRING_WIDTHS: Final = ("B", "W", "D", "Q")
+_STRING_SIZES: Final = {"B": 1, "W": 2, "D": 4, "Q": 8}
+
+
+# ------------------------------------------------------------------------------------------------
+# The builder
+# ------------------------------------------------------------------------------------------------
+
+
+class CodeBuilder:
+    """Draws the instruction groups of one case (a fresh builder per case)."""
+
+    def __init__(self, chooser: Chooser, config: GeneratorConfig, setup: Setup) -> None:
+        self.chooser = chooser
+        self.config = config
+        self.layout = setup.layout
+        self.groups: list[list[Op]] = []
+        #: Status flags that may be undefined here on some path.
+        self.undefined = 0
+        #: Undefined-flag masks arriving at later groups through branches.
+        self.incoming: dict[GroupIndex, int] = {}
+        #: After LEAVE, RBP holds whatever was on the stack: never an address base again.
+        self.rbp_trusted = True
+        #: Address bases and their (fixed) values; Register.NONE is an absolute disp32.
+        self.bases: tuple[tuple[RegisterValue, int], ...] = (
+            (Register.NONE, 0),
+            *(
+                (register, self.layout.value(register))
+                for register in (*HOME_REGISTERS, *STRING_REGISTERS, Register.RBP, Register.RSP)
+            ),
+        )
+        self.index_value = self.layout.value(INDEX_REGISTER)
+        self.segment_bases = {
+            Register.NONE: 0,
+            Register.SS: 0,
+            Register.FS: self.layout.fs_base,
+            Register.GS: self.layout.gs_base,
+        }
+
+    # -- driving ---------------------------------------------------------------------------------
+
+    def build(self, count: int, body: Weighted[str], last: Weighted[str]) -> list[list[Op]]:
+        """Emit groups totalling exactly ``count`` instructions; ``last`` picks the final one."""
+        emitted = 0
+        while emitted < count:
+            room = count - emitted
+            index = len(self.groups)
+            self.undefined |= self.incoming.pop(index, 0)
+            kind = self.chooser.weighted(last if room == 1 else body)
+            group = BUILDERS[kind](self, room) or self._fallback()
+            self.groups.append(group)
+            emitted += len(group)
+        return self.groups
+
+    def _fallback(self) -> list[Op]:
+        """The simplest instruction: used when a group does not fit the remaining room."""
+        register = self.scratch(64)
+        return [Fixed(Instruction.create_reg_i32(Code.MOV_R32_IMM32, sized(register, 32), 0))]
+
+    # -- registers, immediates, flags ------------------------------------------------------------
+
+    def scratch(self, size: int) -> RegisterValue:
+        return sized(self.chooser.choice(SCRATCH_REGISTERS), size)
+
+    def readable(self, size: int) -> RegisterValue:
+        return sized(self.chooser.choice(READABLE), size)
+
+    def immediate(self, size: int) -> int:
+        """A signed immediate that fits ``size`` bits (at most 32: imm32 is sign-extended)."""
+        bits = min(size, 32)
+        kind = self.chooser.integer(0, 2)
+        if kind == 0:
+            return self.chooser.integer(0, 0x7F)
+        value = self.chooser.integer(0, (1 << bits) - 1)
+        return value - (1 << bits) if value >> (bits - 1) else value
+
+    def flags(self, defined: int, undefined: int = 0) -> None:
+        """Record an instruction's effect on the status flags."""
+        self.undefined = (self.undefined & ~(defined | undefined)) | undefined
+
+    def define_flags(self, needed: int, room: int) -> list[Op] | None:
+        """A ``cmp`` making ``needed`` flags defined, [] if they are, None if it doesn't fit."""
+        if not self.undefined & needed:
+            return []
+        if room < 2:
+            return None
+        register = self.readable(64)
+        cmp = Instruction.create_reg_i32(Code.CMP_RM64_IMM8, register, self.immediate(8))
+        self.flags(RFLAGS_STATUS)
+        return [Fixed(cmp)]
+
+    def forward(self) -> GroupIndex:
+        """A later group (possibly the code end), recording the flags that flow there."""
+        target = len(self.groups) + self.chooser.integer(1, 6)
+        self.incoming[target] = self.incoming.get(target, 0) | self.undefined
+        return target
+
+    # -- memory operands -------------------------------------------------------------------------
+
+    def address(self, size: int, *, aligned: bool = False) -> int:
+        """A linear address near a target page, biased to page ends and the 2^64 wrap;
+        ``aligned`` rounds it down to a multiple of ``size``."""
+        safe = self.layout.safe_targets
+        if safe and self.chooser.boolean(self.config.p_safe_access):
+            page = self.chooser.choice(safe)
+            offset = self.chooser.integer(0, PAGE_SIZE // size - 1) * size
+            return page + offset
+        page = self.chooser.choice(self.layout.targets)
+        kind = self.chooser.weighted(_OFFSET_KINDS)
+        if kind == "start":
+            offset = 0
+        elif kind == "aligned":
+            offset = self.chooser.integer(0, PAGE_SIZE // size - 1) * size
+        elif kind == "last":
+            offset = PAGE_SIZE - size
+        elif kind == "cross" and size > 1:
+            offset = PAGE_SIZE - size + self.chooser.integer(1, size - 1)
+        elif kind == "wrap-end":  # the last bytes of the page, whatever the size
+            offset = PAGE_SIZE - self.chooser.integer(1, 8)
+        else:
+            offset = self.chooser.integer(0, PAGE_SIZE - 1)
+        if aligned:
+            offset -= offset % size
+        return (page + offset) & MASK64
+
+    def memory(self, size: int, *, aligned: bool = False) -> MemoryOperand:
+        """A memory operand whose effective address is an :meth:`address`, by construction."""
+        target = self.address(size, aligned=aligned)
+        segment = Register.NONE
+        if self.chooser.boolean(self.config.p_segment_override):
+            segment = self.chooser.choice(_SEGMENT_OVERRIDES)
+        scale = 0
+        if self.chooser.boolean(self.config.p_index):
+            scale = self.chooser.choice((1, 2, 4, 8))
+        operand = self._operand(target, segment, scale)
+        if operand is None:  # no base reaches it with that segment/index: drop them
+            operand = self._operand(target, Register.NONE, 0)
+        if operand is None:  # the target is out of reach: aim at the stack instead
+            operand = MemoryOperand(
+                Register.RSP, displ=8 * self.chooser.integer(0, 8), displ_size=1
+            )
+        return operand
+
+    def _operand(self, target: int, segment: RegisterValue, scale: int) -> MemoryOperand | None:
+        origin = self.segment_bases[segment] + (self.index_value * scale if scale else 0)
+        # Bias by 2^63 so that "fits in a signed 32-bit displacement" is one range check.
+        biased = target - origin + _BIAS
+        reachable: list[tuple[RegisterValue, int]] = []
+        for register, value in self.bases:
+            distance = (biased - value) & MASK64
+            if _DISP_LO <= distance < _DISP_HI and (register != Register.RBP or self.rbp_trusted):
+                reachable.append((register, distance - _BIAS))
+        if not reachable:
+            return None
+        base, displacement = self.chooser.choice(reachable)
+        index = INDEX_REGISTER if scale else Register.NONE
+        return MemoryOperand(
+            base,
+            index,
+            scale or 1,
+            displacement,
+            0 if displacement == 0 and base != Register.NONE else 1,
+            False,
+            segment,
+        )
+
+
+_BIAS: Final = 1 << 63
+_DISP_LO: Final = _BIAS - (1 << 31)
+_DISP_HI: Final = _BIAS + (1 << 31)
+
+
+# ------------------------------------------------------------------------------------------------
+# Group builders: (builder, room) -> instructions, or None when nothing fits in ``room``.
+# ------------------------------------------------------------------------------------------------
+
+GroupBuilder = Callable[[CodeBuilder, int], "list[Op] | None"]
+
+
+def _nop(b: CodeBuilder, room: int) -> list[Op]:
+    if b.chooser.boolean(0.5):  # multi-byte NOP: a ModRM memory operand that is never accessed
+        return [Fixed(Instruction.create_mem(Code.NOP_RM32, b.memory(4)))]
+    return [Fixed(Instruction.create(Code.NOPD))]
+
+
+def _mov(b: CodeBuilder, room: int) -> list[Op]:
+    size = b.chooser.choice(SIZES)
+    form = b.chooser.integer(0, 4)
+    if form == 0:
+        return [Fixed(_reg_reg(f"MOV_R{size}_RM{size}", b.scratch(size), b.readable(size)))]
+    if form == 1:
+        if size == 64 and b.chooser.boolean(0.5):
+            value = b.chooser.integer(0, MASK64)
+            return [Fixed(Instruction.create_reg_u64(Code.MOV_R64_IMM64, b.scratch(64), value))]
+        imm = b.immediate(size)
+        immediate = _code(f"MOV_RM{size}_IMM{min(size, 32)}")
+        return [Fixed(Instruction.create_reg_i32(immediate, b.scratch(size), imm))]
+    if form == 2:
+        load = _code(f"MOV_R{size}_RM{size}")
+        return [Fixed(Instruction.create_reg_mem(load, b.scratch(size), b.memory(size // 8)))]
+    if form == 3:
+        store = _code(f"MOV_RM{size}_R{size}")
+        return [Fixed(Instruction.create_mem_reg(store, b.memory(size // 8), b.readable(size)))]
+    code = _code(f"MOV_RM{size}_IMM{min(size, 32)}")
+    return [Fixed(Instruction.create_mem_i32(code, b.memory(size // 8), b.immediate(size)))]
+
+
+def _reg_reg(name: str, destination: RegisterValue, source: RegisterValue) -> Instruction:
+    return Instruction.create_reg_reg(_code(name), destination, source)
+
+
+def _movx(b: CodeBuilder, room: int) -> list[Op]:
+    kind = b.chooser.choice(("MOVZX", "MOVSX", "MOVSXD"))
+    if kind == "MOVSXD":
+        source_size, size = 32, 64
+    else:
+        source_size = b.chooser.choice((8, 16))
+        size = b.chooser.choice((16, 32, 64) if source_size == 8 else (32, 64))
+    code = _code(f"{kind}_R{size}_RM{source_size}")
+    destination = b.scratch(size)
+    if b.chooser.boolean(0.3):
+        return [Fixed(Instruction.create_reg_reg(code, destination, b.readable(source_size)))]
+    memory = b.memory(source_size // 8)
+    return [Fixed(Instruction.create_reg_mem(code, destination, memory))]
+
+
+def _lea(b: CodeBuilder, room: int) -> list[Op]:
+    size = b.chooser.choice((64, 32, 16))
+    code = _code(f"LEA_R{size}_M")
+    return [Fixed(Instruction.create_reg_mem(code, b.scratch(size), b.memory(8)))]
+
+
+def _alu(b: CodeBuilder, room: int) -> list[Op] | None:
+    name, reads, undefined, writes = b.chooser.choice(_ALU)
+    prefix = b.define_flags(reads, room)
+    if prefix is None:
+        return None
+    size = b.chooser.choice(SIZES)
+    form = b.chooser.integer(0, 3)
+    imm_name = f"{name}_RM{size}_IMM{min(size, 32)}"
+    if form == 0:  # register destination, register source
+        instruction = _reg_reg(f"{name}_RM{size}_R{size}", b.scratch(size), b.readable(size))
+    elif form == 1:  # register destination, immediate
+        instruction = Instruction.create_reg_i32(
+            _code(imm_name), b.scratch(size), b.immediate(size)
+        )
+    elif form == 2 and name != "TEST":  # register destination, memory source
+        code = _code(f"{name}_R{size}_RM{size}")
+        instruction = Instruction.create_reg_mem(code, b.scratch(size), b.memory(size // 8))
+    elif b.chooser.boolean(0.5):  # memory destination, register source
+        code = _code(f"{name}_RM{size}_R{size}")
+        instruction = Instruction.create_mem_reg(code, b.memory(size // 8), b.readable(size))
+        _maybe_lock(b, instruction, writes)
+    else:  # memory destination, immediate
+        memory = b.memory(size // 8)
+        instruction = Instruction.create_mem_i32(_code(imm_name), memory, b.immediate(size))
+        _maybe_lock(b, instruction, writes)
+    b.flags(RFLAGS_STATUS & ~undefined, undefined)
+    return [*prefix, Fixed(instruction)]
+
+
+def _maybe_lock(b: CodeBuilder, instruction: Instruction, allowed: bool = True) -> None:
+    if allowed and b.chooser.boolean(b.config.p_lock):
+        instruction.has_lock_prefix = True
+
+
+def _unary(b: CodeBuilder, room: int) -> list[Op]:
+    name, defined = b.chooser.choice(_UNARY)
+    size = b.chooser.choice(SIZES)
+    code = _code(f"{name}_RM{size}")
+    if b.chooser.boolean(0.3):
+        instruction = Instruction.create_reg(code, b.scratch(size))
+    else:
+        instruction = Instruction.create_mem(code, b.memory(size // 8))
+        _maybe_lock(b, instruction)
+    b.flags(defined)
+    return [Fixed(instruction)]
+
+
+def _xchg(b: CodeBuilder, room: int) -> list[Op]:
+    name = b.chooser.choice(("XCHG", "XADD"))
+    size = b.chooser.choice(SIZES)
+    code = _code(f"{name}_RM{size}_R{size}")
+    if b.chooser.boolean(0.2):
+        instruction = _reg_reg(f"{name}_RM{size}_R{size}", b.scratch(size), b.scratch(size))
+    else:
+        instruction = Instruction.create_mem_reg(code, b.memory(size // 8), b.scratch(size))
+        _maybe_lock(b, instruction, name == "XADD")  # XCHG with memory locks implicitly
+    if name == "XADD":
+        b.flags(RFLAGS_STATUS)
+    return [Fixed(instruction)]
+
+
+def _cmpxchg(b: CodeBuilder, room: int) -> list[Op]:
+    kind = b.chooser.integer(0, 2)
+    if kind == 0:
+        size = b.chooser.choice(SIZES)
+        code = _code(f"CMPXCHG_RM{size}_R{size}")
+        instruction = Instruction.create_mem_reg(code, b.memory(size // 8), b.readable(size))
+        b.flags(RFLAGS_STATUS)
+    else:
+        width = 8 if kind == 1 else 16
+        # CMPXCHG16B needs a 16-byte aligned operand (#GP otherwise): mostly keep it aligned.
+        memory = b.memory(width, aligned=width == 16 and not b.chooser.boolean(0.1))
+        code = Code.CMPXCHG8B_M64 if width == 8 else Code.CMPXCHG16B_M128
+        instruction = Instruction.create_mem(code, memory)
+        b.flags(RFLAGS_ZF)
+    _maybe_lock(b, instruction)
+    return [Fixed(instruction)]
+
+
+def _bt(b: CodeBuilder, room: int) -> list[Op]:
+    name = b.chooser.choice(("BT", "BTS", "BTR", "BTC"))
+    size = b.chooser.choice((16, 32, 64))
+    memory = b.memory(size // 8)
+    if b.chooser.boolean(0.3):  # the bit offset in R11 (small by construction) moves the access
+        code = _code(f"{name}_RM{size}_R{size}")
+        instruction = Instruction.create_mem_reg(code, memory, sized(INDEX_REGISTER, size))
+    else:
+        code = _code(f"{name}_RM{size}_IMM8")
+        instruction = Instruction.create_mem_i32(code, memory, b.chooser.integer(0, 0xFF))
+    _maybe_lock(b, instruction, name != "BT")
+    b.flags(RFLAGS_CF, _BT_UNDEFINED)
+    return [Fixed(instruction)]
+
+
+def _condition(b: CodeBuilder, room: int) -> tuple[str, list[Op]] | None:
+    suffix, reads = b.chooser.choice(CONDITIONS)
+    prefix = b.define_flags(reads, room)
+    return None if prefix is None else (suffix, prefix)
+
+
+def _cmov(b: CodeBuilder, room: int) -> list[Op] | None:
+    picked = _condition(b, room)
+    if picked is None:
+        return None
+    suffix, prefix = picked
+    size = b.chooser.choice((16, 32, 64))
+    code = _code(f"CMOV{suffix}_R{size}_RM{size}")
+    if b.chooser.boolean(0.3):
+        instruction = Instruction.create_reg_reg(code, b.scratch(size), b.readable(size))
+    else:  # the source is read (and can fault) whatever the condition
+        instruction = Instruction.create_reg_mem(code, b.scratch(size), b.memory(size // 8))
+    return [*prefix, Fixed(instruction)]
+
+
+def _setcc(b: CodeBuilder, room: int) -> list[Op] | None:
+    picked = _condition(b, room)
+    if picked is None:
+        return None
+    suffix, prefix = picked
+    code = _code(f"SET{suffix}_RM8")
+    if b.chooser.boolean(0.3):
+        instruction = Instruction.create_reg(code, b.scratch(8))
+    else:
+        instruction = Instruction.create_mem(code, b.memory(1))
+    return [*prefix, Fixed(instruction)]
+
+
+def _push_pop(b: CodeBuilder, room: int) -> list[Op]:
+    form = b.chooser.integer(0, 4)
+    if form == 0:
+        instruction = Instruction.create_reg(Code.PUSH_R64, b.readable(64))
+    elif form == 1:
+        instruction = Instruction.create_reg(Code.POP_R64, b.scratch(64))
+    elif form == 2:
+        code = Code.PUSHQ_IMM8 if b.chooser.boolean(0.5) else Code.PUSHQ_IMM32
+        instruction = Instruction.create_i32(
+            code, b.immediate(8 if code == Code.PUSHQ_IMM8 else 32)
+        )
+    elif form == 3:
+        instruction = Instruction.create_mem(Code.PUSH_RM64, b.memory(8))
+    else:  # the operand's address is computed after RSP is incremented
+        instruction = Instruction.create_mem(Code.POP_RM64, b.memory(8))
+    return [Fixed(instruction)]
+
+
+def _flags(b: CodeBuilder, room: int) -> list[Op] | None:
+    kind = b.chooser.integer(0, 4)
+    if kind == 0:
+        return [Fixed(Instruction.create(b.chooser.choice((Code.STAC, Code.CLAC))))]
+    if kind == 1:
+        return [Fixed(Instruction.create(b.chooser.choice((Code.CLD, Code.STD))))]
+    if kind == 2 and room >= 2:  # POPFQ of a known value (never TF: single-step is unmodelled)
+        value = RFLAGS_FIXED1 | b.chooser.choice(_RFLAGS_TOGGLES)
+        b.flags(RFLAGS_STATUS)
+        return [
+            Fixed(Instruction.create_i32(Code.PUSHQ_IMM32, value)),
+            Fixed(Instruction.create(Code.POPFQ)),
+        ]
+    if kind == 3 and room >= 2:  # read the flags into a register
+        prefix = b.define_flags(RFLAGS_STATUS, room - 1)
+        if prefix is None:
+            return None
+        pop = Instruction.create_reg(Code.POP_R64, b.scratch(64))
+        return [*prefix, Fixed(Instruction.create(Code.PUSHFQ)), Fixed(pop)]
+    if room < 3:
+        return None
+    # pushfq; or/and qword [rsp], bit; popfq: AC (or DF) toggled through memory.
+    prefix = b.define_flags(RFLAGS_STATUS, room - 2)
+    if prefix is None:
+        return None
+    bit = b.chooser.choice(_RFLAGS_TOGGLES)
+    stack = MemoryOperand(Register.RSP)
+    if b.chooser.boolean(0.5):
+        change = Instruction.create_mem_i32(Code.OR_RM64_IMM32, stack, bit)
+    else:
+        change = Instruction.create_mem_i32(Code.AND_RM64_IMM32, stack, ~bit)
+    b.flags(RFLAGS_STATUS)
+    return [
+        *prefix,
+        Fixed(Instruction.create(Code.PUSHFQ)),
+        Fixed(change),
+        Fixed(Instruction.create(Code.POPFQ)),
+    ]
+
+
+def _enter_leave(b: CodeBuilder, room: int) -> list[Op]:
+    if b.rbp_trusted and b.chooser.boolean(0.4):
+        b.rbp_trusted = False  # RBP now comes from memory: see CodeBuilder.rbp_trusted
+        return [Fixed(Instruction.create(Code.LEAVEQ))]
+    size = b.chooser.choice((0, 8, 0x20, 0x100))
+    # Nesting level 0 only: the reference model does not model the frame-pointer copies.
+    return [Fixed(Instruction.create_u32_u32(Code.ENTERQ_IMM16_IMM8, size, 0))]
+
+
+def _string(b: CodeBuilder, room: int) -> list[Op]:
+    op = b.chooser.choice(("STOS", "LODS", "MOVS", "SCAS", "CMPS"))
+    width = b.chooser.choice(_STRING_WIDTHS)
+    repeated = room >= 2 and b.chooser.boolean(0.6)
+    ops: list[Op] = []
+    if repeated:
+        count = b.chooser.choice((1, 0, 2, 3, 8))
+        ops.append(Fixed(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.ECX, count)))
+    rep = RepPrefixKind.NONE
+    if repeated:
+        rep = RepPrefixKind.REPE  # F3: REP for MOVS/STOS/LODS
+        if op in ("SCAS", "CMPS"):
+            rep = b.chooser.choice((RepPrefixKind.REPE, RepPrefixKind.REPNE))
+    segment = Register.NONE
+    if op in ("LODS", "MOVS", "CMPS") and b.chooser.boolean(b.config.p_segment_override):
+        segment = b.chooser.choice(_SEGMENT_OVERRIDES)
+    create = getattr(Instruction, f"create_{op.lower()}{width.lower()}")
+    # STOS and SCAS only access ES:RDI, which cannot be overridden.
+    instruction = create(64, rep) if op in ("STOS", "SCAS") else create(64, segment, rep)
+    if op in ("SCAS", "CMPS") and not repeated:
+        b.flags(RFLAGS_STATUS)  # a REP form may run zero times and leave the flags alone
+    ops.append(Fixed(instruction))
+    return ops
+
+
+def _jcc(b: CodeBuilder, room: int) -> list[Op] | None:
+    picked = _condition(b, room)
+    if picked is None:
+        return None
+    suffix, prefix = picked
+    short, near = _code(f"J{suffix}_REL8_64"), _code(f"J{suffix}_REL32_64")
+    return [*prefix, Branch(short, near, b.forward())]
+
+
+def _indirect(
+    b: CodeBuilder, room: int, code_register: CodeValue, code_memory: CodeValue
+) -> list[Op] | None:
+    """``mov reg, target; jmp/call reg`` or through memory, to a later group or a far target."""
+    register = b.scratch(64)
+    if b.chooser.boolean(0.5):
+        load: Op = CodeAddress(register, b.forward())
+    else:
+        far = b.chooser.choice(b.layout.far_targets)
+        load = Fixed(Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, far))
+    if room >= 3 and b.chooser.boolean(0.4):
+        memory = b.memory(8)
+        store = Instruction.create_mem_reg(Code.MOV_RM64_R64, memory, register)
+        return [load, Fixed(store), Fixed(Instruction.create_mem(code_memory, memory))]
+    return [load, Fixed(Instruction.create_reg(code_register, register))]
+
+
+def _jmp(b: CodeBuilder, room: int) -> list[Op] | None:
+    if room >= 2 and b.chooser.boolean(0.5):
+        return _indirect(b, room, Code.JMP_RM64, Code.JMP_RM64)
+    return [Branch(Code.JMP_REL8_64, Code.JMP_REL32_64, b.forward())]
+
+
+def _call_ret(b: CodeBuilder, room: int) -> list[Op] | None:
+    kind = b.chooser.integer(0, 2) if room >= 2 else 0
+    if kind == 0:
+        return [Branch(None, Code.CALL_REL32_64, b.forward())]
+    if kind == 1:
+        return _indirect(b, room, Code.CALL_RM64, Code.CALL_RM64)
+    # Return to an address pushed just before, so a RET never goes backwards.
+    register = b.scratch(64)
+    if b.chooser.boolean(0.5):
+        load: Op = CodeAddress(register, b.forward())
+    else:
+        far = b.chooser.choice(b.layout.far_targets)
+        load = Fixed(Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, far))
+    if room >= 3:
+        if b.chooser.boolean(0.3):
+            ret = Instruction.create_i32(Code.RETNQ_IMM16, b.chooser.choice((8, 0x10, 0x100)))
+        else:
+            ret = Instruction.create(Code.RETNQ)
+        return [load, Fixed(Instruction.create_reg(Code.PUSH_R64, register)), Fixed(ret)]
+    return [load, Fixed(Instruction.create_reg(Code.CALL_RM64, register))]
+
+
+def _prefetch(b: CodeBuilder, room: int) -> list[Op]:
+    name = b.chooser.choice(("PREFETCHT0", "PREFETCHT1", "PREFETCHT2", "PREFETCHNTA", "PREFETCHW"))
+    return [Fixed(Instruction.create_mem(_code(f"{name}_M8"), b.memory(1)))]
+
+
+def _clflush(b: CodeBuilder, room: int) -> list[Op]:
+    code = b.chooser.choice((Code.CLFLUSH_M8, Code.CLFLUSHOPT_M8))
+    return [Fixed(Instruction.create_mem(code, b.memory(1)))]
+
+
+def _invlpg(b: CodeBuilder, room: int) -> list[Op]:
+    return [Fixed(Instruction.create_mem(Code.INVLPG_M, b.memory(1)))]
+
+
+def _cr(b: CodeBuilder, room: int) -> list[Op]:
+    register = b.scratch(64)
+    kind = b.chooser.integer(0, 3) if room >= 2 else 0
+    b.flags(0, RFLAGS_STATUS)  # MOV to/from CR leaves the status flags undefined
+    if kind == 0:
+        control = b.chooser.choice((Register.CR4, Register.CR0, Register.CR3))
+        return [Fixed(Instruction.create_reg_reg(Code.MOV_R64_CR, register, control))]
+    if kind == 1 or room < 3:
+        read = Instruction.create_reg_reg(Code.MOV_R64_CR, register, Register.CR3)
+        write = Instruction.create_reg_reg(Code.MOV_CR_R64, Register.CR3, register)
+        return [Fixed(read), Fixed(write)]
+    control, mask = (
+        (Register.CR0, CR0_WP) if kind == 2 else (Register.CR4, b.chooser.weighted(_CR4_TOGGLES))
+    )
+    return [
+        Fixed(Instruction.create_reg_reg(Code.MOV_R64_CR, register, control)),
+        Fixed(Instruction.create_reg_i32(Code.XOR_RM64_IMM32, register, mask)),
+        Fixed(Instruction.create_reg_reg(Code.MOV_CR_R64, control, register)),
+    ]
+
+
+def _cpuid(b: CodeBuilder, room: int) -> list[Op]:
+    cpuid = Fixed(Instruction.create(Code.CPUID))
+    if room < 3:
+        return [cpuid]
+    leaf, subleaf = b.chooser.choice(_CPUID_LEAVES)
+    return [
+        Fixed(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, leaf)),
+        Fixed(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.ECX, subleaf)),
+        cpuid,
+    ]
+
+
+def _hlt(b: CodeBuilder, room: int) -> list[Op]:
+    return [Fixed(Instruction.create(Code.HLT))]
+
+
+def _ud2(b: CodeBuilder, room: int) -> list[Op]:
+    return [Fixed(Instruction.create(Code.UD2))]
+
+
+BUILDERS: Final[dict[str, GroupBuilder]] = {
+    "nop": _nop,
+    "mov": _mov,
+    "movx": _movx,
+    "lea": _lea,
+    "alu": _alu,
+    "unary": _unary,
+    "xchg": _xchg,
+    "cmpxchg": _cmpxchg,
+    "bt": _bt,
+    "cmov": _cmov,
+    "setcc": _setcc,
+    "push-pop": _push_pop,
+    "flags": _flags,
+    "enter-leave": _enter_leave,
+    "string": _string,
+    "jcc": _jcc,
+    "jmp": _jmp,
+    "call-ret": _call_ret,
+    "prefetch": _prefetch,
+    "clflush": _clflush,
+    "invlpg": _invlpg,
+    "cr": _cr,
+    "cpuid": _cpuid,
+    "hlt": _hlt,
+    "ud2": _ud2,
+}
+#: Groups that end a case whatever happens next: only ever the last group.
+TERMINAL_GROUPS: Final = frozenset({"hlt", "ud2"})
+#: Groups that fault at CPL3 (MOV CR, INVLPG): rarer in user-mode cases.
+PRIVILEGED_GROUPS: Final = frozenset({"cr", "invlpg"})
