@@ -68,7 +68,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'engine':<28} {'cases/s':>10} {'instructions/s':>15}"]
     for key, label in ROWS:
         row = results[key]
-        lines.append(f"{label:<28} {row['cases_per_sec']:>10.1f} {row['instructions_per_sec']:>15.1f}")
+        lines.append(
+            f"{label:<28} {row['cases_per_sec']:>10.1f} {row['instructions_per_sec']:>15.1f}"
+        )
     plain = results["unicorn"]["cases_per_sec"]
     lines.append(
         f"shim keeps {results['unicorn_shim']['cases_per_sec'] / plain:.0%} of plain Unicorn; "

@@ -90,6 +90,9 @@ class Page:
             raise CaseFormatError(f"page address {self.address:#x} is not canonical")
         if len(self.data) > PAGE_SIZE:
             raise CaseFormatError(f"page {self.address:#x}: data longer than {PAGE_SIZE} bytes")
+        # Pages are zero-filled: keep data in one canonical form (no trailing zeros) so that
+        # equal pages compare equal and JSON round trips are exact.
+        object.__setattr__(self, "data", self.data.rstrip(b"\0"))
 
     def leaf_entry(self, frame: int) -> int:
         """The 4-level PTE for this page pointing at ``frame``."""
@@ -182,9 +185,7 @@ class TestCase:
             address = (self.code_address + offset) & MASK64
             base = address & ~(PAGE_SIZE - 1)
             chunk = self.code[offset : offset + PAGE_SIZE - (address - base)]
-            page = pages.get(base) or Page(
-                base, user=self.state.cpl == 3, writable=False, nx=False
-            )
+            page = pages.get(base) or Page(base, user=self.state.cpl == 3, writable=False, nx=False)
             data = bytearray(page.data.ljust(PAGE_SIZE, b"\0"))
             data[address - base : address - base + len(chunk)] = chunk
             pages[base] = replace(page, data=bytes(data))
@@ -265,9 +266,7 @@ def materialize(case: TestCase) -> MemoryImage:
 # --------------------------------------------------------------------------------------------
 
 _STATE_INT_FIELDS: Final = ("rflags", "cr0", "cr4", "efer", "fs_base", "gs_base")
-_STATE_KEYS: Final = frozenset(
-    {"mode", "cpl", "regs", "lass_supported", *_STATE_INT_FIELDS}
-)
+_STATE_KEYS: Final = frozenset({"mode", "cpl", "regs", "lass_supported", *_STATE_INT_FIELDS})
 _PAGE_KEYS: Final = frozenset(
     {"address", "user", "writable", "nx", "present", "accessed", "dirty", "data"}
 )
@@ -321,11 +320,15 @@ def case_from_dict(document: Any) -> TestCase:
         raise CaseFormatError("missing 'version'")
     version = _int(doc["version"], "version")
     if version != CASE_VERSION:
-        raise CaseFormatError(f"unsupported case format version {version} (this lassfuzz reads {CASE_VERSION})")
+        raise CaseFormatError(
+            f"unsupported case format version {version} (this lassfuzz reads {CASE_VERSION})"
+        )
     raw_state = _object(doc.get("state", {}), "state", _STATE_KEYS)
     regs = _object(raw_state.get("regs", {}), "state.regs", frozenset(GPR_NAMES))
     kwargs: dict[str, Any] = {
-        name: _int(raw_state[name], f"state.{name}") for name in _STATE_INT_FIELDS if name in raw_state
+        name: _int(raw_state[name], f"state.{name}")
+        for name in _STATE_INT_FIELDS
+        if name in raw_state
     }
     if "mode" in raw_state:
         kwargs["mode"] = str(raw_state["mode"])
@@ -396,7 +399,7 @@ def case_to_dict(case: TestCase) -> dict[str, Any]:
                 "present": page.present,
                 "accessed": page.accessed,
                 "dirty": page.dirty,
-                "data": page.data.rstrip(b"\0").hex(),
+                "data": page.data.hex(),
             }
             for page in case.pages
         ],

@@ -136,7 +136,7 @@ class Outcome:
             return self.fault.name
         if self.status in (Status.COMPLETED, Status.HALTED):
             return "ok"
-        return self.status.value
+        return str(self.status.value)
 
 
 class Engine(Protocol):

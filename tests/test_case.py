@@ -61,8 +61,14 @@ def test_round_trip_preserves_every_field() -> None:
         ('{"version": 1, "code": {"bytes": "90"}, "colour": 1}', "unknown key(s) colour"),
         ('{"version": 1, "state": {"cpl": 1}, "code": {"bytes": "90"}}', "state.cpl 1"),
         ('{"version": 1, "state": {"regs": {"rzz": 1}}, "code": {"bytes": "90"}}', "rzz"),
-        ('{"version": 1, "code": {"bytes": "90"}, "pages": [{"address": "0x1001"}]}', "page-aligned"),
-        ('{"version": 1, "code": {"bytes": "90"}, "pages": [{"address": "0x800000000000"}]}', "canonical"),
+        (
+            '{"version": 1, "code": {"bytes": "90"}, "pages": [{"address": "0x1001"}]}',
+            "page-aligned",
+        ),
+        (
+            '{"version": 1, "code": {"bytes": "90"}, "pages": [{"address": "0x800000000000"}]}',
+            "canonical",
+        ),
         ('{"version": 1, "state": {"rflags": true}, "code": {"bytes": "90"}}', "boolean"),
         ("[1, 2", "not valid JSON"),
     ],
@@ -99,8 +105,13 @@ def test_materialize_builds_four_level_tables_with_the_page_flags() -> None:
 
 def test_materialize_is_deterministic() -> None:
     case = case_from_json(
-        json.dumps({"version": 1, "code": {"bytes": "90"},
-                    "pages": [{"address": hex(a)} for a in (0x5000, 0xFFFF_FFFF_FFFF_F000, 0)]})
+        json.dumps(
+            {
+                "version": 1,
+                "code": {"bytes": "90"},
+                "pages": [{"address": hex(a)} for a in (0x5000, 0xFFFF_FFFF_FFFF_F000, 0)],
+            }
+        )
     )
     assert materialize(case) == materialize(case)
     assert list(materialize(case).page_frames) == sorted(materialize(case).page_frames)
@@ -108,4 +119,6 @@ def test_materialize_is_deterministic() -> None:
 
 def test_listing_a_page_twice_is_an_error() -> None:
     with pytest.raises(CaseFormatError, match="listed twice"):
-        TestCase(State(), b"\x90", 0x400000, pages=(Page(0x1000, user=True), Page(0x1000, user=True)))
+        TestCase(
+            State(), b"\x90", 0x400000, pages=(Page(0x1000, user=True), Page(0x1000, user=True))
+        )

@@ -11,10 +11,9 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Final
-
-import unicorn
 
 import lassfuzz
 from lassfuzz.case import CaseFormatError, TestCase, case_from_dict, case_to_dict
@@ -49,7 +48,7 @@ def versions(policy_name: str) -> dict[str, str]:
     """What produced a finding, recorded in every crash file."""
     return {
         "lassfuzz": lassfuzz.__version__,
-        "unicorn": unicorn.__version__,
+        "unicorn": version("unicorn"),
         "policy": policy_name,
     }
 

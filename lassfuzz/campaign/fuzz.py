@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lassfuzz.campaign.files import crash_document, crash_filename, write_atomic
 from lassfuzz.case import case_to_json
 from lassfuzz.compare.diff import Verdict
 from lassfuzz.compare.differential import Differential, Finding, Result
 from lassfuzz.compare.signature import Signature, family_at_fault
-from lassfuzz.campaign.files import crash_document, crash_filename, write_atomic
 from lassfuzz.generator.generate import generate_case
 
 #: Health check (Hypothesis-style): after this many cases, a campaign that compares almost

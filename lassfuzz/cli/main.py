@@ -35,9 +35,7 @@ def parse_duration(text: str) -> float:
     """``600``, ``90s``, ``10m``, ``8h``, ``1d`` → seconds."""
     match = _DURATION.match(text)
     if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r} (examples: 600, 90s, 10m, 8h)"
-        )
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 600, 90s, 10m, 8h)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -121,7 +119,9 @@ def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise UsageError(f"{args.out}: output directory is not writable ({error.strerror})") from None
+        raise UsageError(
+            f"{args.out}: output directory is not writable ({error.strerror})"
+        ) from None
     interactive = err.isatty()
 
     def progress(stats: Stats) -> None:
@@ -160,8 +160,9 @@ def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     for cls in ("lass", "base"):
         entries = [e for e in stats.signatures.values() if e["class"] == cls]
-        out.write(f"{cls} divergences: {stats.divergences_by_class.get(cls, 0)} "
-                  f"({len(entries)} unique)\n")
+        out.write(
+            f"{cls} divergences: {stats.divergences_by_class.get(cls, 0)} ({len(entries)} unique)\n"
+        )
         for entry in entries:
             out.write(f"  {entry['count']:6d}  {entry['summary']}  {entry['file']}\n")
     return EXIT_FOUND if stats.divergences else EXIT_OK
@@ -206,9 +207,11 @@ def cmd_minimize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     loaded = load_file(args.file)
     differential, policy_name = _differential(args.policy)
-    result, signature = differential.signature(loaded.case)
+    _, signature = differential.signature(loaded.case)
     if signature is None:
-        raise UsageError(f"{args.file}: does not diverge with policy {policy_name}; nothing to minimize")
+        raise UsageError(
+            f"{args.file}: does not diverge with policy {policy_name}; nothing to minimize"
+        )
     if loaded.signature is not None and loaded.signature != signature:
         raise UsageError(
             f"{args.file}: diverges differently now ({signature.describe()}); not minimizing"

@@ -29,7 +29,9 @@ def disassemble(case: TestCase) -> list[str]:
         address = case.code_address + offset
         decoded = next(engine.disasm(case.code[offset:], address, 1), None)
         if decoded is None:
-            lines.append(f"  {address:#018x}  {case.code[offset]:02x}  .byte {case.code[offset]:#04x}")
+            lines.append(
+                f"  {address:#018x}  {case.code[offset]:02x}  .byte {case.code[offset]:#04x}"
+            )
             offset += 1
             continue
         text = f"{decoded.mnemonic} {decoded.op_str}".strip()
@@ -109,7 +111,9 @@ def render(loaded: LoadedFile) -> str:
         out.append(f"  {description}")
     crash = loaded.crash
     if crash is not None:
-        out.append(f"signature {crash['signature']['id'][:12]} ({crash['class']}): {crash['summary']}")
+        out.append(
+            f"signature {crash['signature']['id'][:12]} ({crash['class']}): {crash['summary']}"
+        )
         divergence = crash["divergence"]
         out.append(
             f"FIRST DIVERGENCE: {divergence['kind']} {divergence['field']}: "
@@ -117,7 +121,8 @@ def render(loaded: LoadedFile) -> str:
         )
         versions = crash.get("versions", {})
         out.append(
-            "found with " + ", ".join(f"{k} {v}" for k, v in versions.items())
+            "found with "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
             + f"; seed {crash.get('seed')} index {crash.get('index')}"
         )
     out.append("code:")

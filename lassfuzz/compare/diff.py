@@ -95,9 +95,7 @@ def _hex(value: int | None) -> str:
 def _diff(reference: Outcome, emulator: Outcome) -> Divergence | None:
     if reference.status is not emulator.status:
         if Status.FAULT in (reference.status, emulator.status):
-            return Divergence(
-                "fault-vs-none", "status", reference.summary, emulator.summary
-            )
+            return Divergence("fault-vs-none", "status", reference.summary, emulator.summary)
         return Divergence("status", "status", reference.status.value, emulator.status.value)
     ref_fault, emu_fault = reference.fault, emulator.fault
     if ref_fault is not None and emu_fault is not None:
@@ -125,7 +123,11 @@ def _diff(reference: Outcome, emulator: Outcome) -> Divergence | None:
 def _diff_registers(ref: Registers, emu: Registers, flags_mask: int) -> Divergence | None:
     pairs: list[tuple[str, int, int]] = [
         ("rip", ref.rip, emu.rip),
-        ("rflags", ref.rflags & flags_mask | RFLAGS_FIXED1, emu.rflags & flags_mask | RFLAGS_FIXED1),
+        (
+            "rflags",
+            ref.rflags & flags_mask | RFLAGS_FIXED1,
+            emu.rflags & flags_mask | RFLAGS_FIXED1,
+        ),
         *zip(GPR_NAMES, ref.gprs, emu.gprs, strict=True),
         ("cr0", ref.cr0, emu.cr0),
         ("cr3", ref.cr3, emu.cr3),
@@ -149,7 +151,9 @@ def _diff_memory(reference: Outcome, emulator: Outcome) -> Divergence | None:
             continue
         if left is None or right is None:
             return Divergence(
-                "memory", f"frame {frame:#x}", "absent" if left is None else "present",
+                "memory",
+                f"frame {frame:#x}",
+                "absent" if left is None else "present",
                 "absent" if right is None else "present",
             )
         offset = next(i for i, (a, b) in enumerate(zip(left, right, strict=True)) if a != b)

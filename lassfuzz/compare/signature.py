@@ -18,7 +18,6 @@ from lassfuzz.compare.diff import Divergence
 from lassfuzz.families import family_at
 from lassfuzz.outcome import Fault, Outcome
 
-
 MAX_INSTRUCTION_LENGTH = 15
 
 

@@ -18,7 +18,9 @@ def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path
     assert sorted(os.listdir(target.parent)) == ["stats.json"]
 
 
-def test_write_atomic_interrupted_keeps_old_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_atomic_interrupted_keeps_old_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "crash.json"
     write_atomic(target, "old")
 
@@ -39,8 +41,11 @@ def test_write_atomic_interrupted_keeps_old_content(tmp_path: Path, monkeypatch:
         ("[1]", "expected a JSON object"),
         ('{"version": 9, "code": {"bytes": "90"}}', "unsupported case format version 9"),
         ('{"format": "lassfuzz-crash", "version": 7}', "unsupported crash file version 7"),
-        ('{"format": "lassfuzz-crash", "version": 1, "case": {"version": 1, "code": {"bytes": "90"}}}',
-         "no valid 'signature'"),
+        (
+            '{"format": "lassfuzz-crash", "version": 1, '
+            '"case": {"version": 1, "code": {"bytes": "90"}}}',
+            "no valid 'signature'",
+        ),
     ],
 )
 def test_bad_files_give_one_clear_line(tmp_path: Path, content: str, message: str) -> None:

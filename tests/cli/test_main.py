@@ -20,7 +20,12 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "lassfuzz", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+        check=False,
     )
 
 
@@ -78,8 +83,18 @@ def test_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
 def test_policy_none_campaign_finds_repro_minimizes_and_shows(tmp_path: Path) -> None:
     """The issue's acceptance path: fuzz → repro (both policies) → minimize → show."""
     out = tmp_path / "run"
-    fuzz = run_cli("fuzz", "--policy", "none", "--stop-on-first", "--duration", "60",
-                   "--out", str(out), "--seed", "7")
+    fuzz = run_cli(
+        "fuzz",
+        "--policy",
+        "none",
+        "--stop-on-first",
+        "--duration",
+        "60",
+        "--out",
+        str(out),
+        "--seed",
+        "7",
+    )
     assert fuzz.returncode == 1, fuzz.stdout + fuzz.stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["divergences"] >= 1 and stats["unique_signatures"] == 1

@@ -14,15 +14,24 @@ CASE = TestCase(state=State(), code=b"\x90", code_address=0xFFFF_FFFF_8000_0000)
 
 def registers(**changes: int) -> Registers:
     base = Registers(
-        gprs=(0,) * 16, rip=0x1000, rflags=RFLAGS_FIXED1, cr0=0, cr3=0x1000, cr4=0x20,
-        efer=0xD00, cpl=0, fs_base=0, gs_base=0,
+        gprs=(0,) * 16,
+        rip=0x1000,
+        rflags=RFLAGS_FIXED1,
+        cr0=0,
+        cr3=0x1000,
+        cr4=0x20,
+        efer=0xD00,
+        cpl=0,
+        fs_base=0,
+        gs_base=0,
     )
     return dataclasses.replace(base, **changes)
 
 
 def outcome(engine: str = "model", **changes: object) -> Outcome:
-    base = Outcome(engine=engine, status=Status.COMPLETED, registers=registers(),
-                   memory={0x1000: bytes(4096)})
+    base = Outcome(
+        engine=engine, status=Status.COMPLETED, registers=registers(), memory={0x1000: bytes(4096)}
+    )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -32,7 +41,9 @@ def test_identical_outcomes_agree() -> None:
 
 def test_fault_versus_completion_is_reported_first() -> None:
     fault = Fault(VEC_GP, 0, 0x1000)
-    reference = outcome(status=Status.FAULT, fault=fault, registers=registers(gprs=(5,) + (0,) * 15))
+    reference = outcome(
+        status=Status.FAULT, fault=fault, registers=registers(gprs=(5,) + (0,) * 15)
+    )
     found = first_divergence(CASE, reference, outcome("unicorn"))
     assert found is not None
     assert (found.kind, found.reference, found.emulator) == ("fault-vs-none", "#GP(0)", "ok")
@@ -60,11 +71,18 @@ def test_register_divergence_names_the_register() -> None:
     reference = outcome(registers=registers(gprs=(0, 0, 0, 7) + (0,) * 12))
     found = first_divergence(CASE, reference, outcome("unicorn"))
     assert found is not None
-    assert (found.kind, found.field, found.reference, found.emulator) == ("register", "rbx", "0x7", "0x0")
+    assert (found.kind, found.field, found.reference, found.emulator) == (
+        "register",
+        "rbx",
+        "0x7",
+        "0x0",
+    )
 
 
 def test_undefined_flags_are_masked_but_defined_ones_are_not() -> None:
-    reference = outcome(registers=registers(rflags=RFLAGS_FIXED1 | RFLAGS_AF), undefined_flags=RFLAGS_AF)
+    reference = outcome(
+        registers=registers(rflags=RFLAGS_FIXED1 | RFLAGS_AF), undefined_flags=RFLAGS_AF
+    )
     assert first_divergence(CASE, reference, outcome("unicorn")) is None
     reference = outcome(registers=registers(rflags=RFLAGS_FIXED1 | RFLAGS_AF))
     found = first_divergence(CASE, reference, outcome("unicorn"))
