@@ -54,7 +54,12 @@ def versions(policy_name: str) -> dict[str, str]:
 
 
 def crash_document(
-    finding: Finding, *, policy_name: str, seed: int | None, index: int | None
+    finding: Finding,
+    *,
+    policy_name: str,
+    seed: int | None,
+    index: int | None,
+    trace: bool,
 ) -> dict[str, Any]:
     """The self-contained crash file content for ``finding``."""
     result = finding.result
@@ -67,6 +72,7 @@ def crash_document(
         "divergence": asdict(finding.divergence),
         "seed": seed,
         "index": index,
+        "trace": trace,
         "versions": versions(policy_name),
         "case": case_to_dict(result.case),
         "reference": outcome_to_dict(result.reference),
@@ -85,6 +91,11 @@ class LoadedFile:
     path: Path
     case: TestCase
     crash: dict[str, Any] | None  # the crash document, when the file is a crash file
+
+    @property
+    def trace(self) -> bool:
+        """Whether the finding was made comparing access traces (replays must do the same)."""
+        return bool(self.crash and self.crash.get("trace"))
 
     @property
     def signature(self) -> Signature | None:

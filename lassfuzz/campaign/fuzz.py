@@ -185,7 +185,11 @@ class Campaign:
             return False
         name = crash_filename(signature)
         document = crash_document(
-            finding, policy_name=self.config.policy_name, seed=self.config.seed, index=index
+            finding,
+            policy_name=self.config.policy_name,
+            seed=self.config.seed,
+            index=index,
+            trace=self.differential.trace,
         )
         write_atomic(self.config.out / "crashes" / name, json.dumps(document, indent=1))
         self.stats.signatures[signature.id] = {

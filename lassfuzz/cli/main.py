@@ -55,16 +55,25 @@ def _build_parser() -> argparse.ArgumentParser:
             help="shim policy: sdm (default), bochs, none, or package.module:function",
         )
 
+    def trace_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--trace",
+            action="store_true",
+            help="also compare access traces (slower; crash files found with it replay with it)",
+        )
+
     fuzz = sub.add_parser("fuzz", help="run a fuzzing campaign")
     fuzz.add_argument("--out", type=Path, default=Path("."), help="output directory (default: .)")
     fuzz.add_argument("--duration", type=parse_duration, default=None, help="e.g. 600, 10m, 8h")
     fuzz.add_argument("--cases", type=int, default=None, help="stop after N cases")
     fuzz.add_argument("--seed", type=int, default=1, help="campaign seed (default: 1)")
     fuzz.add_argument("--stop-on-first", action="store_true", help="stop at the first divergence")
+    trace_option(fuzz)
     policy_option(fuzz)
 
     repro = sub.add_parser("repro", help="re-run a crash or case file")
     repro.add_argument("file", type=Path)
+    trace_option(repro)
     policy_option(repro)
 
     minimize = sub.add_parser("minimize", help="shrink a crash file, keeping its signature")
@@ -90,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _differential(policy: str | None) -> tuple[Differential, str]:
+def _differential(policy: str | None, *, trace: bool = False) -> tuple[Differential, str]:
     from lassfuzz.compare.differential import Differential
     from lassfuzz.emulator.machine import UnicornMachine
     from lassfuzz.model.engine import ReferenceModel
@@ -101,7 +110,7 @@ def _differential(policy: str | None) -> tuple[Differential, str]:
     except PolicyError as error:
         raise UsageError(str(error)) from None
     machine = UnicornMachine(policy=function, policy_name=name)
-    return Differential(ReferenceModel(), machine), name
+    return Differential(ReferenceModel(), machine, trace=trace), name
 
 
 def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -112,7 +121,7 @@ def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError("--cases must be at least 1")
     if args.cases is None and args.duration is None:
         raise UsageError("give --cases N or --duration D (a campaign needs an end)")
-    differential, policy_name = _differential(args.policy)
+    differential, policy_name = _differential(args.policy, trace=args.trace)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         probe = args.out / ".lassfuzz-write-test"
@@ -168,13 +177,13 @@ def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_FOUND if stats.divergences else EXIT_OK
 
 
-def _rerun(path: Path, policy: str | None) -> tuple[int, str]:
+def _rerun(path: Path, policy: str | None, trace: bool) -> tuple[int, str]:
     """Re-run a file; (exit status, one-line verdict)."""
     from lassfuzz.campaign.files import load_file
     from lassfuzz.compare.diff import Verdict
 
     loaded = load_file(path)
-    differential, _ = _differential(policy)
+    differential, _ = _differential(policy, trace=trace or loaded.trace)
     result, signature = differential.signature(loaded.case)
     verdict = result.comparison.verdict
     if verdict is Verdict.ERROR:
@@ -194,7 +203,7 @@ def _rerun(path: Path, policy: str | None) -> tuple[int, str]:
 
 
 def cmd_repro(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    status, line = _rerun(args.file, args.policy)
+    status, line = _rerun(args.file, args.policy, args.trace)
     out.write(line + "\n")
     return status
 
@@ -206,7 +215,7 @@ def cmd_minimize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from lassfuzz.compare.diff import Verdict
 
     loaded = load_file(args.file)
-    differential, policy_name = _differential(args.policy)
+    differential, policy_name = _differential(args.policy, trace=loaded.trace)
     _, signature = differential.signature(loaded.case)
     if signature is None:
         raise UsageError(
@@ -233,7 +242,11 @@ def cmd_minimize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finding = differential.triage(final)
     crash = loaded.crash or {}
     document = crash_document(
-        finding, policy_name=policy_name, seed=crash.get("seed"), index=crash.get("index")
+        finding,
+        policy_name=policy_name,
+        seed=crash.get("seed"),
+        index=crash.get("index"),
+        trace=loaded.trace,
     )
     target = args.out or args.file.with_name(crash_filename(signature, minimized=True))
     try:

@@ -168,12 +168,26 @@ def _diff_memory(reference: Outcome, emulator: Outcome) -> Divergence | None:
 
 
 def normalize_trace(trace: tuple[Access, ...]) -> list[tuple[str, int, int]]:
-    """Byte-granular (kind, address, byte value) events, so engines may split accesses freely."""
+    """Byte-granular (kind, address, byte value) events, so engines may split accesses freely.
+
+    Reads with no write between them commute (nothing they observe can differ), and the SDM
+    leaves the order of one instruction's reads open (CMPS reads RSI first in Bochs, RDI first in
+    QEMU), so each run of consecutive read events is put in address order. Writes keep program
+    order: that order is observable.
+    """
     events: list[tuple[str, int, int]] = []
+    reads: list[tuple[str, int, int]] = []
     for access in trace:
         for i in range(access.size):
             address = (access.address + i) & 0xFFFF_FFFF_FFFF_FFFF
-            events.append((access.kind, address, (access.value >> (8 * i)) & 0xFF))
+            event = (access.kind, address, (access.value >> (8 * i)) & 0xFF)
+            if access.kind == "read":
+                reads.append(event)
+                continue
+            events.extend(sorted(reads))
+            reads.clear()
+            events.append(event)
+    events.extend(sorted(reads))
     return events
 
 

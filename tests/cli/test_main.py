@@ -133,3 +133,26 @@ def test_default_policy_short_campaign_writes_stats(tmp_path: Path) -> None:
     assert stats["compared"] > 150, stats
     assert stats["divergences_by_class"].get("lass", 0) == 0, stats["signatures"]
     assert "cases/s" in result.stdout
+
+
+def test_trace_mode_is_recorded_and_replayed(tmp_path: Path) -> None:
+    out = tmp_path / "traced"
+    fuzz = run_cli(
+        "fuzz",
+        "--policy",
+        "none",
+        "--trace",
+        "--stop-on-first",
+        "--duration",
+        "60",
+        "--out",
+        str(out),
+        "--seed",
+        "7",
+    )
+    assert fuzz.returncode == 1, fuzz.stderr
+    (crash,) = sorted((out / "crashes").glob("crash-*.json"))
+    document = json.loads(crash.read_text())
+    assert document["trace"] is True
+    assert document["reference"]["trace"] is not None and document["emulator"]["trace"] is not None
+    assert run_cli("repro", str(crash), "--policy", "none").returncode == 1

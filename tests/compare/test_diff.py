@@ -130,3 +130,15 @@ def test_traces_compare_at_byte_granularity() -> None:
     wrong = (Access("write", 0x1000, 4, 0x44332299),)
     found = first_divergence(CASE, reference, outcome("unicorn", trace=wrong))
     assert found is not None and found.kind == "trace"
+
+
+def test_reads_between_writes_may_come_in_any_order_but_writes_may_not() -> None:
+    one = (Access("read", 0x2000, 2, 0x1), Access("read", 0x1000, 2, 0x2))
+    other = (Access("read", 0x1000, 2, 0x2), Access("read", 0x2000, 2, 0x1))
+    assert normalize_trace(one) == normalize_trace(other)
+    first = (Access("write", 0x1000, 1, 1), Access("write", 0x1000, 1, 2))
+    second = (Access("write", 0x1000, 1, 2), Access("write", 0x1000, 1, 1))
+    assert normalize_trace(first) != normalize_trace(second)
+    around = (Access("read", 0x1000, 1, 1), Access("write", 0x1000, 1, 2))
+    swapped = (Access("write", 0x1000, 1, 2), Access("read", 0x1000, 1, 1))
+    assert normalize_trace(around) != normalize_trace(swapped)
