@@ -79,6 +79,8 @@ VEC_DB: Final = 1
 VEC_BP: Final = 3
 VEC_UD: Final = 6
 VEC_DF: Final = 8
+VEC_TS: Final = 10
+VEC_NP: Final = 11
 VEC_SS: Final = 12
 VEC_GP: Final = 13
 VEC_PF: Final = 14
@@ -90,6 +92,8 @@ VECTOR_NAMES: Final = {
     VEC_BP: "#BP",
     VEC_UD: "#UD",
     VEC_DF: "#DF",
+    VEC_TS: "#TS",
+    VEC_NP: "#NP",
     VEC_SS: "#SS",
     VEC_GP: "#GP",
     VEC_PF: "#PF",
@@ -97,7 +101,7 @@ VECTOR_NAMES: Final = {
 }
 
 #: Vectors that push an error code (SDM Vol. 3A Table 6-1).
-VECTORS_WITH_ERROR_CODE: Final = frozenset({VEC_DF, 10, 11, VEC_SS, VEC_GP, VEC_PF, VEC_AC})
+VECTORS_WITH_ERROR_CODE: Final = frozenset({VEC_DF, VEC_TS, VEC_NP, VEC_SS, VEC_GP, VEC_PF, VEC_AC})
 
 # Page-table entry bits (SDM Vol. 3A 4.5)
 PTE_P: Final = 1 << 0

@@ -11,6 +11,7 @@ Building the initial image is part of the case's meaning, not of any engine's LA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from lassfuzz.arch import (
     CR0_PE,
     CR0_PG,
     CR0_WP,
+    CR4_LA57,
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
@@ -48,8 +50,16 @@ DEFAULT_CR4: Final = CR4_PAE
 DEFAULT_EFER: Final = EFER_LME | EFER_LMA | EFER_NXE
 DEFAULT_RFLAGS: Final = RFLAGS_FIXED1
 #: Where code goes when a case does not say: a user-half page for CPL3, a supervisor-half page
-#: for CPL0, so that a hand-written case runs without a LASS fault unless it asks for one.
-DEFAULT_CODE_ADDRESS: Final = {3: 0x0000_0000_0040_0000, 0: 0xFFFF_FFFF_8000_0000}
+#: for CPL0-2, so that a hand-written 64-bit case runs without a LASS fault unless it asks for one.
+#: Compatibility-mode code must lie below 4 GiB, so it always defaults to the user-half page.
+DEFAULT_CODE_ADDRESS: Final = {
+    3: 0x0000_0000_0040_0000,
+    2: 0xFFFF_FFFF_8000_0000,
+    1: 0xFFFF_FFFF_8000_0000,
+    0: 0xFFFF_FFFF_8000_0000,
+}
+COMPAT_CODE_ADDRESS: Final = 0x0000_0000_0040_0000
+MODES: Final = ("64", "compat")
 
 #: Physical layout of a materialized case. Page-table frames come first, data frames after; the
 #: emulator keeps its own machine structures (GDT, boot stub) above PHYS_CASE_END.
@@ -86,7 +96,7 @@ class Page:
     def __post_init__(self) -> None:
         if self.address % PAGE_SIZE or not 0 <= self.address <= MASK64:
             raise CaseFormatError(f"page address {self.address:#x} is not a page-aligned u64")
-        if not is_canonical48(self.address):
+        if not is_canonical57(self.address):
             raise CaseFormatError(f"page address {self.address:#x} is not canonical")
         if len(self.data) > PAGE_SIZE:
             raise CaseFormatError(f"page {self.address:#x}: data longer than {PAGE_SIZE} bytes")
@@ -107,8 +117,57 @@ class Page:
 
 
 @dataclass(frozen=True)
+class System:
+    """Descriptor tables and system registers, for cases that have them (docs/machine.md,
+    "System level"). The tables' bytes are ordinary page data of the case, so they can lie in
+    either half; :mod:`lassfuzz.system` builds standard contents. Without a ``System`` a case has
+    no descriptor tables: faults end the case and descriptor-loading instructions are
+    unsupported.
+    """
+
+    gdt_base: int
+    gdt_limit: int
+    idt_base: int
+    idt_limit: int
+    cs: int
+    ss: int
+    ds: int = 0
+    es: int = 0
+    fs: int = 0
+    gs: int = 0
+    tr: int = 0
+    ldtr: int = 0
+    star: int = 0
+    lstar: int = 0
+    sfmask: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("gdt_base", "idt_base", "star", "lstar", "sfmask"):
+            if not 0 <= getattr(self, name) <= MASK64:
+                raise CaseFormatError(f"state.system.{name} {getattr(self, name):#x} is not a u64")
+        for name in ("gdt_limit", "idt_limit", *SELECTOR_NAMES):
+            if not 0 <= getattr(self, name) <= 0xFFFF:
+                raise CaseFormatError(f"state.system.{name} {getattr(self, name):#x} is not a u16")
+        if self.sfmask > 0xFFFF_FFFF:
+            raise CaseFormatError("state.system.sfmask: bits 63:32 are reserved")
+
+    @property
+    def selectors(self) -> tuple[int, ...]:
+        """Selectors in :data:`SELECTOR_NAMES` order."""
+        return tuple(getattr(self, name) for name in SELECTOR_NAMES)
+
+
+#: Segment and system selectors, in the order outcomes report them.
+SELECTOR_NAMES: Final = ("cs", "ss", "ds", "es", "fs", "gs", "tr", "ldtr")
+
+
+@dataclass(frozen=True)
 class State:
-    """The initial architectural state. ``gprs`` follow :data:`lassfuzz.arch.GPR_NAMES`."""
+    """The initial architectural state. ``gprs`` follow :data:`lassfuzz.arch.GPR_NAMES`.
+
+    ``mode`` is "64" (CS.L = 1) or "compat" (IA-32e compatibility mode: CS.L = 0, CS.D = 1,
+    32-bit code). CPL 1 and 2 are supervisor levels for LASS and paging.
+    """
 
     mode: str = "64"
     cpl: int = 0
@@ -120,12 +179,13 @@ class State:
     fs_base: int = 0
     gs_base: int = 0
     lass_supported: bool = True
+    system: System | None = None
 
     def __post_init__(self) -> None:
-        if self.mode != "64":
-            raise CaseFormatError(f"state.mode {self.mode!r}: only '64' is supported")
-        if self.cpl not in (0, 3):
-            raise CaseFormatError(f"state.cpl {self.cpl}: only 0 and 3 are supported")
+        if self.mode not in MODES:
+            raise CaseFormatError(f"state.mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.cpl not in (0, 1, 2, 3):
+            raise CaseFormatError(f"state.cpl {self.cpl}: expected 0, 1, 2 or 3")
         if len(self.gprs) != 16:
             raise CaseFormatError("state.gprs must hold 16 registers")
         for name, value in (
@@ -142,6 +202,11 @@ class State:
 
     def gpr(self, name: str) -> int:
         return self.gprs[GPR_NAMES.index(name)]
+
+    @property
+    def la57(self) -> bool:
+        """5-level paging (CR4.LA57): 57-bit canonical addresses and a PML5 table."""
+        return bool(self.cr4 & CR4_LA57)
 
 
 @dataclass(frozen=True)
@@ -166,10 +231,18 @@ class TestCase:
         if not 0 <= self.code_address <= MASK64:
             raise CaseFormatError(f"code.address {self.code_address:#x} is not a u64")
         seen: set[int] = set()
+        canonical = is_canonical57 if self.state.la57 else is_canonical48
         for page in self.pages:
             if page.address in seen:
                 raise CaseFormatError(f"page {page.address:#x} listed twice")
+            if not canonical(page.address):
+                raise CaseFormatError(
+                    f"page {page.address:#x} is not canonical with "
+                    f"{'5' if self.state.la57 else '4'}-level paging"
+                )
             seen.add(page.address)
+        if self.state.mode == "compat" and self.code_end > 0xFFFF_FFFF:
+            raise CaseFormatError("compatibility-mode code must lie below 4 GiB")
         if len(self.all_pages()) > MAX_PAGES:
             raise CaseFormatError(f"more than {MAX_PAGES} pages")
 
@@ -202,6 +275,12 @@ def is_canonical48(address: int) -> bool:
     return top in (0, 0x1FFFF)
 
 
+def is_canonical57(address: int) -> bool:
+    """Bits 63:56 all equal (5-level paging canonical form); used only to validate layouts."""
+    top = address >> 56
+    return top in (0, 0xFF)
+
+
 @dataclass(frozen=True)
 class MemoryImage:
     """The physical memory a case starts from.
@@ -221,6 +300,7 @@ def materialize(case: TestCase) -> MemoryImage:
 
     Data frames are assigned in ascending linear-address order from PHYS_DATA_BASE; paging
     structures are allocated from PHYS_TABLES_BASE in the order the walk first needs them.
+    With CR4.LA57 the root (CR3) is a PML5 table.
     """
     tables: dict[int, bytearray] = {}
     next_table = PHYS_TABLES_BASE
@@ -242,7 +322,7 @@ def materialize(case: TestCase) -> MemoryImage:
         frames[frame] = page.data.ljust(PAGE_SIZE, b"\0")
         page_frames[page.address] = frame
         table = cr3
-        for shift in (39, 30, 21):
+        for shift in (48, 39, 30, 21) if case.state.la57 else (39, 30, 21):
             slot = (page.address >> shift) & 0x1FF
             entry = int.from_bytes(tables[table][slot * 8 : slot * 8 + 8], "little")
             if not entry:
@@ -266,7 +346,12 @@ def materialize(case: TestCase) -> MemoryImage:
 # --------------------------------------------------------------------------------------------
 
 _STATE_INT_FIELDS: Final = ("rflags", "cr0", "cr4", "efer", "fs_base", "gs_base")
-_STATE_KEYS: Final = frozenset({"mode", "cpl", "regs", "lass_supported", *_STATE_INT_FIELDS})
+_STATE_KEYS: Final = frozenset(
+    {"mode", "cpl", "regs", "lass_supported", "system", *_STATE_INT_FIELDS}
+)
+_SYSTEM_FIELDS: Final = tuple(field.name for field in dataclasses.fields(System))
+#: Fields a "system" object must give; the others default as in :class:`System`.
+_SYSTEM_REQUIRED: Final = ("gdt_base", "gdt_limit", "idt_base", "idt_limit", "cs", "ss")
 _PAGE_KEYS: Final = frozenset(
     {"address", "user", "writable", "nx", "present", "accessed", "dirty", "data"}
 )
@@ -337,6 +422,8 @@ def case_from_dict(document: Any) -> TestCase:
     if "lass_supported" in raw_state:
         kwargs["lass_supported"] = _bool(raw_state["lass_supported"], "state.lass_supported")
     kwargs["gprs"] = tuple(_int(regs.get(name, 0), f"state.regs.{name}") for name in GPR_NAMES)
+    if raw_state.get("system") is not None:
+        kwargs["system"] = _system_from_dict(raw_state["system"])
     state = State(**kwargs)
     code = _object(doc.get("code"), "code", _CODE_KEYS) if "code" in doc else {}
     if "bytes" not in code:
@@ -344,6 +431,8 @@ def case_from_dict(document: Any) -> TestCase:
     code_address = (
         _int(code["address"], "code.address")
         if "address" in code
+        else COMPAT_CODE_ADDRESS
+        if state.mode == "compat"
         else DEFAULT_CODE_ADDRESS[state.cpl]
     )
     raw_pages = doc.get("pages", [])
@@ -376,6 +465,14 @@ def case_from_dict(document: Any) -> TestCase:
     )
 
 
+def _system_from_dict(value: Any) -> System:
+    raw = _object(value, "state.system", frozenset(_SYSTEM_FIELDS))
+    missing = [name for name in _SYSTEM_REQUIRED if name not in raw]
+    if missing:
+        raise CaseFormatError(f"state.system: missing {', '.join(missing)}")
+    return System(**{name: _int(raw[name], f"state.system.{name}") for name in raw})
+
+
 def case_to_dict(case: TestCase) -> dict[str, Any]:
     """The canonical JSON document for ``case`` (every field written out)."""
     state = case.state
@@ -388,6 +485,9 @@ def case_to_dict(case: TestCase) -> dict[str, Any]:
             "lass_supported": state.lass_supported,
             "regs": {name: hex(value) for name, value in zip(GPR_NAMES, state.gprs, strict=True)},
             **{name: hex(getattr(state, name)) for name in _STATE_INT_FIELDS},
+            "system": None
+            if state.system is None
+            else {name: hex(getattr(state.system, name)) for name in _SYSTEM_FIELDS},
         },
         "code": {"address": hex(case.code_address), "bytes": case.code.hex()},
         "pages": [

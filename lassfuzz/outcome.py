@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from lassfuzz.arch import GPR_NAMES, VECTOR_NAMES, VECTORS_WITH_ERROR_CODE
-from lassfuzz.case import TestCase
+from lassfuzz.case import SELECTOR_NAMES, TestCase
 
 
 class Status(enum.Enum):
@@ -22,8 +22,8 @@ class Status(enum.Enum):
 
     COMPLETED = "completed"  # RIP reached the end of the code
     HALTED = "halted"  # HLT at CPL0
-    FAULT = "fault"  # an exception ended the case (no IDT delivery in 64-bit cases yet)
-    SHUTDOWN = "shutdown"  # triple fault
+    FAULT = "fault"  # an exception ended the case (a case without an IDT: State.system is None)
+    SHUTDOWN = "shutdown"  # triple fault (cases with an IDT)
     HANG = "hang"  # the instruction budget ran out
     UNSUPPORTED = "unsupported"  # the engine cannot run this case; ``detail`` names why
     ERROR = "error"  # the engine itself failed (crash, policy raised); ``detail`` names why
@@ -54,7 +54,7 @@ class Fault:
     @property
     def name(self) -> str:
         """The short form used in matrices and signatures: ``#GP(0)``, ``#PF(0x5)``, ``#UD``."""
-        base = VECTOR_NAMES.get(self.vector, f"#{self.vector}")
+        base = VECTOR_NAMES.get(self.vector, f"vector {self.vector:#x}")
         if self.vector not in VECTORS_WITH_ERROR_CODE:
             return base
         code = self.error_code or 0
@@ -62,8 +62,30 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class SystemRegisters:
+    """Final selectors and descriptor-table registers, reported for cases with a ``System``.
+    ``selectors`` follow :data:`lassfuzz.case.SELECTOR_NAMES` (RPL bits included)."""
+
+    selectors: tuple[int, ...]
+    gdt_base: int
+    gdt_limit: int
+    idt_base: int
+    idt_limit: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            **dict(zip(SELECTOR_NAMES, self.selectors, strict=True)),
+            "gdt_base": self.gdt_base,
+            "gdt_limit": self.gdt_limit,
+            "idt_base": self.idt_base,
+            "idt_limit": self.idt_limit,
+        }
+
+
+@dataclass(frozen=True)
 class Registers:
-    """Final architectural register state."""
+    """Final architectural register state. ``system`` is None exactly when the case has no
+    ``State.system``."""
 
     gprs: tuple[int, ...]
     rip: int
@@ -75,9 +97,11 @@ class Registers:
     cpl: int
     fs_base: int
     gs_base: int
+    system: SystemRegisters | None = None
 
     def as_dict(self) -> dict[str, int]:
         named = dict(zip(GPR_NAMES, self.gprs, strict=True))
+        system = {} if self.system is None else self.system.as_dict()
         return {
             **named,
             "rip": self.rip,
@@ -89,6 +113,7 @@ class Registers:
             "cpl": self.cpl,
             "fs_base": self.fs_base,
             "gs_base": self.gs_base,
+            **system,
         }
 
 
@@ -115,7 +140,9 @@ class Outcome:
     (comparisons ignore those bits). ``alternatives`` lists further outcomes the specification
     tolerates (LASS.md section 7); a result equal to any of them is not a divergence.
     ``detail`` says, for a human, why it ended that way (which LASS rule fired, what is
-    unsupported, what failed).
+    unsupported, what failed). ``events`` lists, in order, every exception or interrupt raised
+    in a case with an IDT (delivered or not: a #GP whose delivery fails is followed by the #DF),
+    with ``rip`` = the RIP the event saves (the faulting instruction, or the next one for INT n).
     """
 
     engine: str
@@ -128,12 +155,15 @@ class Outcome:
     instructions: int = 0
     detail: str = ""
     alternatives: tuple[Outcome, ...] = ()
+    events: tuple[Fault, ...] = ()
 
     @property
     def summary(self) -> str:
         """One word for tables: ``ok``, ``#GP(0)``, ``#PF(0x5)``, ``unsupported``..."""
         if self.status is Status.FAULT and self.fault is not None:
             return self.fault.name
+        if self.events and self.status is not Status.SHUTDOWN:
+            return self.events[0].name
         if self.status in (Status.COMPLETED, Status.HALTED):
             return "ok"
         return str(self.status.value)
@@ -147,6 +177,17 @@ class Engine(Protocol):
     def run(self, case: TestCase, *, trace: bool = False) -> Outcome: ...
 
 
+def fault_to_dict(fault: Fault) -> dict[str, Any]:
+    return {
+        "vector": fault.vector,
+        "error_code": fault.error_code,
+        "rip": hex(fault.rip),
+        "cr2": None if fault.cr2 is None else hex(fault.cr2),
+        "access": fault.access,
+        "address": None if fault.address is None else hex(fault.address),
+    }
+
+
 def outcome_to_dict(outcome: Outcome) -> dict[str, Any]:
     """JSON-ready form of an outcome, for crash files."""
     registers = outcome.registers
@@ -156,16 +197,8 @@ def outcome_to_dict(outcome: Outcome) -> dict[str, Any]:
         "summary": outcome.summary,
         "detail": outcome.detail,
         "instructions": outcome.instructions,
-        "fault": None
-        if outcome.fault is None
-        else {
-            "vector": outcome.fault.vector,
-            "error_code": outcome.fault.error_code,
-            "rip": hex(outcome.fault.rip),
-            "cr2": None if outcome.fault.cr2 is None else hex(outcome.fault.cr2),
-            "access": outcome.fault.access,
-            "address": None if outcome.fault.address is None else hex(outcome.fault.address),
-        },
+        "fault": None if outcome.fault is None else fault_to_dict(outcome.fault),
+        "events": [fault_to_dict(event) for event in outcome.events],
         "registers": None
         if registers is None
         else {name: hex(value) for name, value in registers.as_dict().items()},

@@ -59,7 +59,7 @@ def test_round_trip_preserves_every_field() -> None:
         ('{"version": 2, "code": {"bytes": "90"}}', "unsupported case format version 2"),
         ('{"version": 1, "code": {"bytes": "9"}}', "code.bytes: not a hex string"),
         ('{"version": 1, "code": {"bytes": "90"}, "colour": 1}', "unknown key(s) colour"),
-        ('{"version": 1, "state": {"cpl": 1}, "code": {"bytes": "90"}}', "state.cpl 1"),
+        ('{"version": 1, "state": {"cpl": 4}, "code": {"bytes": "90"}}', "state.cpl 4"),
         ('{"version": 1, "state": {"regs": {"rzz": 1}}, "code": {"bytes": "90"}}', "rzz"),
         (
             '{"version": 1, "code": {"bytes": "90"}, "pages": [{"address": "0x1001"}]}',

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from lassfuzz.arch import GPR_NAMES, RFLAGS_FIXED1
 from lassfuzz.case import TestCase
-from lassfuzz.outcome import Access, Outcome, Registers, Status
+from lassfuzz.outcome import Access, Fault, Outcome, Registers, Status
 
 
 class Verdict(enum.Enum):
@@ -40,6 +40,7 @@ class Divergence:
 DIVERGENCE_KINDS = (
     "status",
     "fault-vs-none",
+    "event",
     "vector",
     "error-code",
     "fault-rip",
@@ -97,16 +98,14 @@ def _diff(reference: Outcome, emulator: Outcome) -> Divergence | None:
         if Status.FAULT in (reference.status, emulator.status):
             return Divergence("fault-vs-none", "status", reference.summary, emulator.summary)
         return Divergence("status", "status", reference.status.value, emulator.status.value)
+    found = _diff_events(reference.events, emulator.events)
+    if found is not None:
+        return found
     ref_fault, emu_fault = reference.fault, emulator.fault
     if ref_fault is not None and emu_fault is not None:
-        if ref_fault.vector != emu_fault.vector:
-            return Divergence("vector", "fault", ref_fault.name, emu_fault.name)
-        if ref_fault.error_code != emu_fault.error_code:
-            return Divergence("error-code", "fault", ref_fault.name, emu_fault.name)
-        if ref_fault.rip != emu_fault.rip:
-            return Divergence("fault-rip", "rip", hex(ref_fault.rip), hex(emu_fault.rip))
-        if ref_fault.cr2 != emu_fault.cr2:
-            return Divergence("cr2", "cr2", _hex(ref_fault.cr2), _hex(emu_fault.cr2))
+        found = _diff_fault(ref_fault, emu_fault, "fault")
+        if found is not None:
+            return found
     if reference.registers is not None and emulator.registers is not None:
         mask = ~(reference.undefined_flags | emulator.undefined_flags)
         found = _diff_registers(reference.registers, emulator.registers, mask)
@@ -117,6 +116,35 @@ def _diff(reference: Outcome, emulator: Outcome) -> Divergence | None:
         return found
     if reference.trace is not None and emulator.trace is not None:
         return _diff_trace(reference.trace, emulator.trace)
+    return None
+
+
+def _diff_events(ref: tuple[Fault, ...], emu: tuple[Fault, ...]) -> Divergence | None:
+    """Events in order; the first missing or extra one is an ``event`` divergence."""
+    for position, (left, right) in enumerate(zip(ref, emu, strict=False)):
+        found = _diff_fault(left, right, f"event {position}")
+        if found is not None:
+            return found
+    if len(ref) != len(emu):
+        position = min(len(ref), len(emu))
+        return Divergence(
+            "event",
+            f"event {position}",
+            ref[position].name if position < len(ref) else "none",
+            emu[position].name if position < len(emu) else "none",
+        )
+    return None
+
+
+def _diff_fault(ref: Fault, emu: Fault, where: str) -> Divergence | None:
+    if ref.vector != emu.vector:
+        return Divergence("vector", where, ref.name, emu.name)
+    if ref.error_code != emu.error_code:
+        return Divergence("error-code", where, ref.name, emu.name)
+    if ref.rip != emu.rip:
+        return Divergence("fault-rip", f"{where} rip", hex(ref.rip), hex(emu.rip))
+    if ref.cr2 != emu.cr2:
+        return Divergence("cr2", f"{where} cr2", _hex(ref.cr2), _hex(emu.cr2))
     return None
 
 
@@ -137,10 +165,20 @@ def _diff_registers(ref: Registers, emu: Registers, flags_mask: int) -> Divergen
         ("fs_base", ref.fs_base, emu.fs_base),
         ("gs_base", ref.gs_base, emu.gs_base),
     ]
+    if ref.system is None or emu.system is None:
+        if ref.system is not emu.system:
+            return Divergence("register", "system", _present(ref.system), _present(emu.system))
+    else:
+        emu_system = emu.system.as_dict()
+        pairs += [(name, value, emu_system[name]) for name, value in ref.system.as_dict().items()]
     for name, left, right in pairs:
         if left != right:
             return Divergence("register", name, hex(left), hex(right))
     return None
+
+
+def _present(value: object) -> str:
+    return "absent" if value is None else "present"
 
 
 def _diff_memory(reference: Outcome, emulator: Outcome) -> Divergence | None:

@@ -34,6 +34,7 @@ class Signature:
     smap: bool
     ac: bool
     family: str
+    mode: str = "64"  # "64" or "compat"
 
     @property
     def id(self) -> str:
@@ -41,7 +42,8 @@ class Signature:
         return hashlib.sha1(text.encode()).hexdigest()
 
     def describe(self) -> str:
-        flags = f"cpl{self.cpl} {self.access} {self.half}-half"
+        flags = "compat " if self.mode != "64" else ""
+        flags += f"cpl{self.cpl} {self.access} {self.half}-half"
         flags += " smap" if self.smap else ""
         flags += " ac" if self.ac else ""
         return (
@@ -73,12 +75,19 @@ def signature_of(
         smap=bool(case.state.cr4 & CR4_SMAP),
         ac=bool(case.state.rflags & RFLAGS_AC),
         family=family_at_fault(case, fault),
+        mode=case.state.mode,
     )
 
 
 def _describing_fault(reference: Outcome, emulator: Outcome) -> Fault | None:
-    """The fault that explains the divergence: the reference's if any, else the emulator's."""
-    return reference.fault or emulator.fault
+    """The fault that explains the divergence: the reference's if any, else the emulator's
+    (for cases with an IDT: the first event)."""
+    for outcome in (reference, emulator):
+        if outcome.fault is not None:
+            return outcome.fault
+        if outcome.events:
+            return outcome.events[0]
+    return None
 
 
 def family_at_fault(case: TestCase, fault: Fault | None) -> str:

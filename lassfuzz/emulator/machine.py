@@ -557,6 +557,8 @@ def _policy_name(policy: Policy) -> str:
 def _unsupported_state(case: TestCase) -> str | None:
     """Initial states the machine does not model (docs/machine.md)."""
     state = case.state
+    if state.mode != "64" or state.cpl not in (0, 3) or state.system is not None:
+        return f"mode {state.mode}, CPL {state.cpl}, system tables: not emulated yet"
     supported_cr4 = SUPPORTED_CR4 | (1 << 27 if state.lass_supported else 0)
     if state.cr4 & ~supported_cr4 or not state.cr4 & CR4_PAE:
         return f"initial CR4 {state.cr4:#x} has unsupported bits or lacks PAE"
