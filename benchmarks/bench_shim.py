@@ -1,9 +1,12 @@
 """Cases/s of plain Unicorn against Unicorn with the LASS shim, on the same cases.
 
 Plain Unicorn is ``UnicornMachine(shim=False)``: its own ``Uc`` with QEMU's own page walk and no
-Python hook but the exception one, with the same per-case reset. The shim column therefore pays
-for everything the shim adds (pre-scan, the Python page walk, intercept hooks, fault rebuild).
-Acceptance goal: shim >= 75% of plain. Usage::
+Python hook but the exception one, with the same per-case reset and its budget counted by
+Unicorn's ``count``. The shim column therefore pays for everything the shim adds (pre-scan, the
+Python page walk, block and intercept hooks, fault rebuild). Acceptance goal: shim >= 75% of
+plain, on the cases plain Unicorn runs: it answers cases with descriptor tables
+(``State.system``) UNSUPPORTED at once, so those are timed apart, for the shim only. Rates are
+CPU time of this process (the machine is shared). Usage::
 
     python benchmarks/bench_shim.py [--cases N] [--seed S] [--hand] [--profile]
 """
@@ -42,14 +45,16 @@ def generated_cases(count: int, seed: int) -> list[TestCase]:
 
 
 def rate(run: Callable[[TestCase], Outcome], cases: list[TestCase], rounds: int) -> float:
-    """Best cases/s over ``rounds`` passes (the machine is shared and noisy)."""
+    """Best cases/s over ``rounds`` passes, in CPU time (the machine is shared and noisy)."""
+    if not cases:
+        return 0.0
     run(cases[0])
     best = 0.0
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         for case in cases:
             run(case)
-        best = max(best, len(cases) / (time.perf_counter() - start))
+        best = max(best, len(cases) / max(time.process_time() - start, 1e-9))
     return best
 
 
@@ -64,7 +69,6 @@ def main() -> None:
     cases = hand_cases(args.cases) if args.hand else generated_cases(args.cases, args.seed)
     plain = UnicornMachine(shim=False)
     shim = UnicornMachine()
-    shim_fast = UnicornMachine(exact_flags=False)
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(lambda: [shim.run(case) for case in cases])
@@ -74,18 +78,24 @@ def main() -> None:
     for case in cases:
         summary = shim.run(case).status.value
         statuses[summary] = statuses.get(summary, 0) + 1
-    plain_rate = rate(plain.run, cases, args.rounds)
-    shim_rate = rate(shim.run, cases, args.rounds)
-    fast_rate = rate(shim_fast.run, cases, args.rounds)
+    both = [case for case in cases if case.state.system is None]
+    system = [case for case in cases if case.state.system is not None]
+    plain_rate = rate(plain.run, both, args.rounds)
+    shim_rate = rate(shim.run, both, args.rounds)
     source = "hand-built" if args.hand else f"generated (seed {args.seed})"
     print(f"{len(cases)} {source} cases; shim outcomes: {statuses}")
-    print(f"plain Unicorn        {plain_rate:10.0f} cases/s")
-    for label, value in (("Unicorn + LASS shim", shim_rate), ("  exact_flags=False", fast_rate)):
-        ratio = value / plain_rate
-        verdict = "met" if ratio >= GOAL else "NOT met"
-        print(
-            f"{label:<20} {value:10.0f} cases/s  {ratio:4.0%} of plain (goal {GOAL:.0%}: {verdict})"
-        )
+    print(f"{len(both)} cases without descriptor tables:")
+    print(f"  plain Unicorn        {plain_rate:10.0f} cases/s")
+    ratio = shim_rate / plain_rate
+    verdict = "met" if ratio >= GOAL else "NOT met"
+    print(
+        f"  Unicorn + LASS shim  {shim_rate:10.0f} cases/s  {ratio:4.0%} of plain "
+        f"(goal {GOAL:.0%}: {verdict})"
+    )
+    if system:
+        system_rate = rate(shim.run, system, args.rounds)
+        print(f"{len(system)} cases with descriptor tables (shim only):")
+        print(f"  Unicorn + LASS shim  {system_rate:10.0f} cases/s")
 
 
 if __name__ == "__main__":

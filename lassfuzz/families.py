@@ -36,6 +36,14 @@ FAMILIES: Final = (
     "nop",
     "hlt",
     "ud2",
+    "sreg",
+    "lar",
+    "sdt",
+    "ldt",
+    "int",
+    "iret",
+    "syscall",
+    "far",
     "other",
     "invalid",
 )
@@ -68,7 +76,7 @@ _BY_NAME: Final = {
     "cmpxchg": ("CMPXCHG", "CMPXCHG8B", "CMPXCHG16B"),
     "bt": ("BT", "BTS", "BTR", "BTC"),
     "push-pop": ("PUSH", "POP"),
-    "flags": ("PUSHF", "PUSHFQ", "POPF", "POPFQ", "STAC", "CLAC", "CLD", "STD"),
+    "flags": ("PUSHF", "PUSHFD", "PUSHFQ", "POPF", "POPFD", "POPFQ", "STAC", "CLAC", "CLD", "STD"),
     "enter-leave": ("ENTER", "LEAVE"),
     "call-ret": ("CALL", "RET"),
     "jmp": ("JMP",),
@@ -83,35 +91,56 @@ _BY_NAME: Final = {
     "nop": ("NOP", "PAUSE"),
     "hlt": ("HLT",),
     "ud2": ("UD2",),
+    "lar": ("LAR", "LSL", "VERR", "VERW"),
+    "sdt": ("SGDT", "SIDT", "SLDT", "STR"),
+    "ldt": ("LGDT", "LIDT", "LTR", "LLDT"),
+    "int": ("INT", "INT3"),
+    "iret": ("IRET", "IRETD", "IRETQ"),
+    "syscall": ("SYSCALL", "SYSRET", "SYSRETQ"),
+    "far": ("RETF",),
 }
 _FAMILY_OF_MNEMONIC: Final = {
     int(getattr(Mnemonic, name)): family for family, names in _BY_NAME.items() for name in names
 }
 _CONTROL_REGISTERS: Final = frozenset(int(getattr(Register, f"CR{n}")) for n in range(16))
+_SEGMENT_REGISTERS: Final = frozenset(
+    int(getattr(Register, name)) for name in ("ES", "CS", "SS", "DS", "FS", "GS")
+)
 
 
 def family_of(instruction: Instruction) -> str:
-    """The family of a decoded instruction (``"invalid"`` if it did not decode)."""
+    """The family of a decoded instruction (``"invalid"`` if it did not decode).
+
+    MOV to or from a control register is ``cr``; MOV, PUSH or POP of a segment register is
+    ``sreg``; JMP and CALL through a far pointer are ``far``, like RET far.
+    """
     if instruction.code == 0:  # Code.INVALID
         return "invalid"
     family = _FAMILY_OF_MNEMONIC.get(instruction.mnemonic, "other")
-    if family == "mov" and _touches_control_register(instruction):
+    if family == "mov" and _touches(instruction, _CONTROL_REGISTERS):
         return "cr"
+    if family in ("mov", "push-pop") and _touches(instruction, _SEGMENT_REGISTERS):
+        return "sreg"
+    if instruction.is_jmp_far_indirect or instruction.is_call_far_indirect:
+        return "far"
     return family
 
 
-def _touches_control_register(instruction: Instruction) -> bool:
+def _touches(instruction: Instruction, registers: frozenset[int]) -> bool:
     return any(
         instruction.op_kind(operand) == OpKind.REGISTER
-        and instruction.op_register(operand) in _CONTROL_REGISTERS
+        and instruction.op_register(operand) in registers
         for operand in range(instruction.op_count)
     )
 
 
-def family_at(code: bytes, address: int) -> str:
-    """The family of the first instruction of ``code`` decoded in 64-bit mode at ``address``."""
+def family_at(code: bytes, address: int, bits: int = 64) -> str:
+    """The family of the first instruction of ``code`` decoded at ``address`` in ``bits``-bit
+    code (32 for compatibility-mode cases)."""
     if not code:
         raise ValueError("family_at: no code bytes")
     if not 0 <= address < 1 << 64:
         raise ValueError(f"family_at: address {address:#x} is not a u64")
-    return family_of(Decoder(64, code, DecoderOptions.NONE, address).decode())
+    if bits not in (32, 64):
+        raise ValueError(f"family_at: bits {bits} is not 32 or 64")
+    return family_of(Decoder(bits, code, DecoderOptions.NONE, address).decode())

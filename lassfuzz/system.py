@@ -8,10 +8,12 @@ The encodings follow SDM Vol. 3A 3.4.5 (segment descriptors), 6.14.1 (64-bit IDT
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Final
 
+from lassfuzz.arch import VEC_DF
 from lassfuzz.case import Page, System
 
 # Standard GDT slots. The layout suits SYSCALL/SYSRET: STAR[47:32] = KERNEL_CS (SS = +8) and
@@ -32,6 +34,10 @@ RING1_CS32: Final = 0x68
 RING2_CS32: Final = 0x70
 GDT_SLOTS: Final = 15
 GDT_LIMIT: Final = GDT_SLOTS * 8 - 1
+#: One more 16-byte system descriptor after the standard slots: an LDT descriptor
+#: (:func:`gdt_with_ldt`) or a 64-bit call gate (:attr:`Tables.call_gate`).
+EXTRA_SEL: Final = GDT_SLOTS * 8
+GDT_LIMIT_WITH_EXTRA: Final = EXTRA_SEL + 16 - 1
 IDT_LIMIT: Final = 256 * 16 - 1
 TSS_LIMIT: Final = 0x67
 
@@ -115,35 +121,77 @@ def tss(*, rsp: tuple[int, int, int] = (0, 0, 0), ist: tuple[int, ...] = (0,) * 
     return struct.pack("<I3Q Q7Q QHH", 0, *rsp, 0, *ist, 0, 0, TSS_LIMIT + 1)
 
 
-def standard_gdt(tss_base: int) -> bytes:
-    """The standard GDT (slot layout above), flat segments with A preset, TSS available."""
-    slots = {
-        KERNEL_CS: segment_descriptor(code=True, dpl=0, long=True),
-        KERNEL_DS: segment_descriptor(code=False, dpl=0),
-        USER_CS32: segment_descriptor(code=True, dpl=3),
-        USER_DS: segment_descriptor(code=False, dpl=3),
-        USER_CS: segment_descriptor(code=True, dpl=3, long=True),
-        RING1_CS: segment_descriptor(code=True, dpl=1, long=True),
-        RING1_DS: segment_descriptor(code=False, dpl=1),
-        RING2_CS: segment_descriptor(code=True, dpl=2, long=True),
-        RING2_DS: segment_descriptor(code=False, dpl=2),
-        KERNEL_CS32: segment_descriptor(code=True, dpl=0),
-        RING1_CS32: segment_descriptor(code=True, dpl=1),
-        RING2_CS32: segment_descriptor(code=True, dpl=2),
-    }
+@functools.lru_cache(maxsize=256)  # the generator builds the same few tables over and over
+def standard_gdt(
+    tss_base: int,
+    *,
+    unaccessed: frozenset[int] = frozenset(),
+    not_present: frozenset[int] = frozenset(),
+    dpl: tuple[tuple[int, int], ...] = (),
+    tss_busy: bool = True,
+) -> bytes:
+    """The standard GDT (slot layout above): flat segments with A preset, TSS busy (as TR is
+    loaded).
+
+    The keywords make edge cases: descriptors (by selector) with the A bit clear, so that a load
+    writes it back (an implicit supervisor write); not present; with another DPL; and an
+    available TSS, which LTR accepts (and marks busy, another implicit write). ``dpl`` holds
+    (selector, DPL) pairs.
+    """
+    dpls = dict(dpl)
     table = bytearray(GDT_SLOTS * 8)
-    for selector, descriptor in slots.items():
+    for selector, (code, level, long) in _SEGMENTS.items():
+        descriptor = segment_descriptor(
+            code=code,
+            dpl=dpls.get(selector, level),
+            long=long,
+            present=selector not in not_present,
+            accessed=selector not in unaccessed,
+        )
         table[selector : selector + 8] = struct.pack("<Q", descriptor)
-    table[TSS_SEL : TSS_SEL + 16] = system_descriptor(TYPE_TSS_BUSY, tss_base, TSS_LIMIT)
+    kind = TYPE_TSS_BUSY if tss_busy else TYPE_TSS_AVAILABLE
+    table[TSS_SEL : TSS_SEL + 16] = system_descriptor(kind, tss_base, TSS_LIMIT)
     return bytes(table)
 
 
-def standard_idt(handler: int, *, vectors: range = range(256), dpl: int = 3) -> bytes:
-    """An IDT whose gates (interrupt gates to KERNEL_CS, DPL ``dpl``) all point at ``handler``."""
+def gdt_with_ldt(tss_base: int, ldt_base: int, ldt_limit: int) -> bytes:
+    """The standard GDT followed by an LDT descriptor at :data:`EXTRA_SEL` (limit
+    :data:`GDT_LIMIT_WITH_EXTRA`)."""
+    return standard_gdt(tss_base) + system_descriptor(TYPE_LDT, ldt_base, ldt_limit)
+
+
+#: The standard code and data segments: selector -> (code, DPL, 64-bit code).
+_SEGMENTS: Final = {
+    KERNEL_CS: (True, 0, True),
+    KERNEL_DS: (False, 0, False),
+    USER_CS32: (True, 3, False),
+    USER_DS: (False, 3, False),
+    USER_CS: (True, 3, True),
+    RING1_CS: (True, 1, True),
+    RING1_DS: (False, 1, False),
+    RING2_CS: (True, 2, True),
+    RING2_DS: (False, 2, False),
+    KERNEL_CS32: (True, 0, False),
+    RING1_CS32: (True, 1, False),
+    RING2_CS32: (True, 2, False),
+}
+#: The data (stack) segments, for selector choices.
+DATA_SELECTORS: Final = (KERNEL_DS, RING1_DS, RING2_DS, USER_DS)
+
+
+@functools.lru_cache(maxsize=256)
+def standard_idt(
+    handler: int, *, vectors: range = range(256), dpl: int = 3, ist: int = 0, df_ist: int = 0
+) -> bytes:
+    """An IDT whose gates (interrupt gates to KERNEL_CS, DPL ``dpl``, stack table entry
+    ``ist``) all point at ``handler``; the #DF gate uses stack table entry ``df_ist`` if set."""
     table = bytearray(IDT_LIMIT + 1)
+    entry = gate(TYPE_INTERRUPT_GATE, KERNEL_CS, handler, dpl=dpl, ist=ist)
     for vector in vectors:
-        table[vector * 16 : vector * 16 + 16] = gate(
-            TYPE_INTERRUPT_GATE, KERNEL_CS, handler, dpl=dpl
+        table[vector * 16 : vector * 16 + 16] = entry
+    if df_ist and VEC_DF in vectors:
+        table[VEC_DF * 16 : VEC_DF * 16 + 16] = gate(
+            TYPE_INTERRUPT_GATE, KERNEL_CS, handler, dpl=dpl, ist=df_ist
         )
     return bytes(table)
 
@@ -157,20 +205,55 @@ class Tables:
     tss: int
     handler: int  # the common exception handler's code address (HLT: ends the case at CPL0)
     rsp0: int
+    #: When non-zero, TSS.IST1 holds it and every gate switches to it (gate IST = 1).
+    ist1: int = 0
+    #: When non-zero, TSS.IST2 holds it and the #DF gate switches to it (IST = 2), as Linux
+    #: does: a fault while delivering another one is then delivered on a known-good stack.
+    df_stack: int = 0
+    #: DPL of every IDT gate (3: INT n is allowed from every CPL).
+    gate_dpl: int = 3
+    #: Selectors whose descriptors have the A bit clear, are not present, or another DPL.
+    unaccessed: frozenset[int] = frozenset()
+    not_present: frozenset[int] = frozenset()
+    dpl: tuple[tuple[int, int], ...] = ()
+    #: The TSS descriptor's type: busy (as after LTR) or available (LTR then succeeds).
+    tss_busy: bool = True
+    #: When non-zero, a 64-bit call gate (DPL 3: usable from any CPL) to KERNEL_CS at this
+    #: offset follows the standard slots, at :data:`EXTRA_SEL`: a far CALL through it from
+    #: CPL > 0 switches to TSS.RSP0.
+    call_gate: int = 0
 
-    def pages(self, *, user: bool = False) -> tuple[Page, ...]:
-        """The pages holding the tables and the handler (``user`` sets their U/S bit)."""
+    def contents(self) -> dict[int, bytes]:
+        """Page address -> page data for the GDT, IDT, TSS and handler pages."""
+        gdt = standard_gdt(
+            self.tss,
+            unaccessed=self.unaccessed,
+            not_present=self.not_present,
+            dpl=self.dpl,
+            tss_busy=self.tss_busy,
+        )
+        if self.call_gate:
+            gdt += gate(TYPE_CALL_GATE, KERNEL_CS, self.call_gate, dpl=3)
         contents = {
-            self.gdt: standard_gdt(self.tss),
-            self.idt: standard_idt(self.handler),
-            self.tss: tss(rsp=(self.rsp0, 0, 0)),
+            self.gdt: gdt,
+            self.idt: standard_idt(
+                self.handler,
+                dpl=self.gate_dpl,
+                ist=1 if self.ist1 else 0,
+                df_ist=2 if self.df_stack else 0,
+            ),
+            self.tss: tss(rsp=(self.rsp0, 0, 0), ist=(self.ist1, self.df_stack, 0, 0, 0, 0, 0)),
             self.handler & ~0xFFF: b"\0" * (self.handler & 0xFFF) + b"\xf4",  # hlt
         }
         if len(contents) != 4:
             raise ValueError("GDT, IDT, TSS and handler need four distinct pages")
+        return contents
+
+    def pages(self, *, user: bool = False) -> tuple[Page, ...]:
+        """The pages holding the tables and the handler (``user`` sets their U/S bit)."""
         return tuple(
             Page(address, user=user, data=data, writable=address != self.handler & ~0xFFF)
-            for address, data in contents.items()
+            for address, data in self.contents().items()
         )
 
     def system(self, *, mode: str, cpl: int) -> System:
@@ -178,7 +261,7 @@ class Tables:
         stack = STACK_SELECTOR[cpl]
         return System(
             gdt_base=self.gdt,
-            gdt_limit=GDT_LIMIT,
+            gdt_limit=GDT_LIMIT_WITH_EXTRA if self.call_gate else GDT_LIMIT,
             idt_base=self.idt,
             idt_limit=IDT_LIMIT,
             cs=CODE_SELECTOR[(mode, cpl)],

@@ -3,7 +3,9 @@
 Each corpus case states its expected reference result in ``meta`` (``expect`` = the outcome
 summary, optionally ``expect_rip``, ``expect_regs`` {register: value}, ``expect_memory``
 {linear address: hex bytes}, ``expect_no_walk`` [linear addresses whose paging entries a LASS
-fault must leave untouched]). A crash file expects what its recorded
+fault must leave untouched], ``expect_events`` [[event name, saved RIP], ...]: the events of a
+case with descriptor tables, in order; ``expect_alternatives`` [summaries]: the other outcomes
+the reference tolerates at a LASS.md §7 open point). A crash file expects what its recorded
 reference outcome says, and, once fixed, no divergence. The emulator is checked too when it
 exists, and the comparison once ``lassfuzz.compare.diff`` exists.
 """
@@ -27,12 +29,18 @@ from lassfuzz.outcome import Engine, Outcome
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = sorted((ROOT / "corpus").glob("*.json"))
 CRASHES = sorted((ROOT / "crashes").glob("*.json"))
-SUMMARY = re.compile(r"ok|#(GP|SS)\(0\)|#PF\(0x[0-9a-f]+\)|#UD|#AC\(0\)|#DE|#BP")
+SUMMARY = re.compile(
+    r"ok|shutdown|#(GP|SS|NP|TS|DF)\([0-9]+\)|#PF\(0x[0-9a-f]+\)|#UD|#AC\(0\)|#DE|#BP"
+    r"|vector 0x[0-9a-f]+"
+)
 META_KEYS = {
     "description", "disassembly", "expect", "expect_rip", "expect_regs", "expect_memory",
-    "expect_no_walk",
+    "expect_no_walk", "expect_events", "expect_alternatives",
 }  # fmt: skip
-DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+DISASM = {
+    "64": capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64),
+    "compat": capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32),
+}
 
 
 def available(module: str) -> bool:
@@ -79,9 +87,10 @@ def test_corpus_file_is_readable(path: Path) -> None:
     assert set(case.meta) <= META_KEYS, f"unknown meta keys {set(case.meta) - META_KEYS}"
     assert case.meta["description"].strip()
     assert SUMMARY.fullmatch(case.meta["expect"]), case.meta["expect"]
-    listing = "; ".join(f"{i.mnemonic} {i.op_str}".strip() for i in DISASM.disasm(case.code, 0))
+    disasm = DISASM[case.state.mode]
+    listing = "; ".join(f"{i.mnemonic} {i.op_str}".strip() for i in disasm.disasm(case.code, 0))
     assert listing == case.meta["disassembly"], "meta.disassembly does not match code.bytes"
-    assert sum(i.size for i in DISASM.disasm(case.code, 0)) == len(case.code), "trailing bytes"
+    assert sum(i.size for i in disasm.disasm(case.code, 0)) == len(case.code), "trailing bytes"
 
 
 def read_linear(case: TestCase, outcome: Outcome, address: int, size: int) -> bytes:
@@ -100,7 +109,7 @@ def walk_entries(case: TestCase, address: int) -> list[tuple[int, int]]:
     the first non-present one: the entries a walk for it would find (and mark Accessed)."""
     image = materialize(case)
     table, found = image.cr3, []
-    for shift in (39, 30, 21, 12):
+    for shift in (48, 39, 30, 21, 12) if case.state.la57 else (39, 30, 21, 12):
         offset = ((address >> shift) & 0x1FF) * 8
         found.append((table, offset))
         entry = int.from_bytes(image.frames[table][offset : offset + 8], "little")
@@ -115,6 +124,10 @@ def check_expectations(case: TestCase, expect: Mapping[str, Any], outcome: Outco
     if "expect_rip" in expect:
         assert outcome.fault is not None
         assert hex(outcome.fault.rip) == hex(int(expect["expect_rip"], 0))
+    if "expect_events" in expect:
+        events = [[event.name, hex(event.rip)] for event in outcome.events]
+        wanted = [[name, hex(int(rip, 0))] for name, rip in expect["expect_events"]]
+        assert events == wanted, f"{outcome.engine}: events"
     registers = outcome.registers.as_dict() if outcome.registers else {}
     for name, value in expect.get("expect_regs", {}).items():
         assert hex(registers[name]) == hex(int(value, 0)), f"{outcome.engine}: {name}"
@@ -137,6 +150,8 @@ def test_replay(path: Path) -> None:
     case, expect = load(path)
     ref = reference().run(case)
     check_expectations(case, expect, ref)
+    alternatives = sorted(alternative.summary for alternative in ref.alternatives)
+    assert alternatives == sorted(expect.get("expect_alternatives", alternatives))
     if not available("lassfuzz.emulator.machine"):
         return
     emu = emulator().run(case)

@@ -50,13 +50,48 @@ def encode(instruction: Instruction) -> bytes:
         ("0f1f4000", "nop"),
         ("f4", "hlt"),
         ("0f0b", "ud2"),
-        ("0f05", "other"),  # syscall
+        ("0f05", "syscall"),
+        ("480f07", "syscall"),  # sysretq
+        ("48cf", "iret"),  # iretq
+        ("cc", "int"),  # int3
+        ("cd80", "int"),  # int 0x80
+        ("8ed8", "sreg"),  # mov ds, eax
+        ("8cd8", "sreg"),  # mov eax, ds
+        ("0fa1", "sreg"),  # pop fs
+        ("0f02c8", "lar"),  # lar ecx, eax
+        ("0f03c8", "lar"),  # lsl ecx, eax
+        ("0f00e0", "lar"),  # verr ax
+        ("0f00e8", "lar"),  # verw ax
+        ("0f0103", "sdt"),  # sgdt [rbx]
+        ("0f00c8", "sdt"),  # str eax
+        ("0f0113", "ldt"),  # lgdt [rbx]
+        ("0f00d8", "ldt"),  # ltr ax
+        ("0f00d0", "ldt"),  # lldt ax
+        ("48cb", "far"),  # retfq
+        ("48ff6b08", "far"),  # jmp far [rbx + 8] (m16:64)
+        ("48ff5b08", "far"),  # call far [rbx + 8]
+        ("ffe3", "jmp"),  # jmp rbx: near
+        ("0f01f8", "other"),  # swapgs
         ("ffff", "invalid"),
     ],
 )
 def test_family_at(code: str, family: str) -> None:
     assert family_at(bytes.fromhex(code), 0x1000) == family
     assert family in FAMILIES
+
+
+@pytest.mark.parametrize(
+    ("code", "family", "family64"),
+    [
+        ("1f", "sreg", "invalid"),  # pop ds (invalid in 64-bit code)
+        ("48", "unary", "invalid"),  # dec eax (a lone REX prefix in 64-bit code)
+        ("9d", "flags", "flags"),  # popfd / popfq
+        ("8ed8", "sreg", "sreg"),  # mov ds, ax
+    ],
+)
+def test_family_at_in_32_bit_code(code: str, family: str, family64: str) -> None:
+    assert family_at(bytes.fromhex(code), 0x1000, 32) == family
+    assert family_at(bytes.fromhex(code), 0x1000) == family64
 
 
 def test_family_of_matches_family_at() -> None:
@@ -72,6 +107,8 @@ def test_family_at_rejects_bad_input() -> None:
         family_at(b"", 0)
     with pytest.raises(ValueError, match="u64"):
         family_at(b"\x90", -1)
+    with pytest.raises(ValueError, match="32 or 64"):
+        family_at(b"\x90", 0, 16)
 
 
 def test_family_names_are_unique() -> None:

@@ -17,8 +17,12 @@ FAST = settings(
 )
 
 
+def bits(case: TestCase) -> int:
+    return 32 if case.state.mode == "compat" else 64
+
+
 def count(case: TestCase) -> int:
-    return sum(1 for _ in Decoder(64, case.code, ip=case.code_address))
+    return sum(1 for _ in Decoder(bits(case), case.code, ip=case.code_address))
 
 
 @FAST
@@ -26,7 +30,7 @@ def count(case: TestCase) -> int:
 def test_drawn_cases_are_valid(case: TestCase) -> None:
     assert 1 <= count(case) <= 8
     assert case_from_json(case_to_json(case)) == case
-    for instruction in Decoder(64, case.code, ip=case.code_address):
+    for instruction in Decoder(bits(case), case.code, ip=case.code_address):
         assert instruction.encoding == EncodingKind.LEGACY
         assert family_of(instruction) in GROUPS
     assert case.meta["source"] == "hypothesis"
@@ -35,7 +39,7 @@ def test_drawn_cases_are_valid(case: TestCase) -> None:
 @FAST
 @given(states())
 def test_drawn_states(state: State) -> None:
-    assert state.cpl in (0, 3)
+    assert state.cpl in (0, 1, 2, 3) and state.mode in ("64", "compat")
     assert state.gpr("rsp") != 0 or state.gpr("rbp") != 0
 
 

@@ -1,4 +1,4 @@
-"""``lassfuzz`` command line: fuzz, repro, minimize, show, bench, matrix.
+"""``lassfuzz`` command line: fuzz, repro, minimize, show, bench, matrix, stats, report.
 
 Exit codes are part of the interface: 0 nothing found (or does not reproduce), 1 divergence
 found (or reproduced), 2 usage or runtime error, always with one clear line on stderr.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 from lassfuzz import __version__
 
 if TYPE_CHECKING:
+    from lassfuzz.campaign.backend import Backend
     from lassfuzz.compare.differential import Differential
 
 EXIT_OK = 0
@@ -65,10 +67,53 @@ def _build_parser() -> argparse.ArgumentParser:
     fuzz = sub.add_parser("fuzz", help="run a fuzzing campaign")
     fuzz.add_argument("--out", type=Path, default=Path("."), help="output directory (default: .)")
     fuzz.add_argument("--duration", type=parse_duration, default=None, help="e.g. 600, 10m, 8h")
-    fuzz.add_argument("--cases", type=int, default=None, help="stop after N cases")
-    fuzz.add_argument("--seed", type=int, default=1, help="campaign seed (default: 1)")
+    fuzz.add_argument(
+        "--cases",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop when cases 0..N-1 are done (also on resume)",
+    )
+    fuzz.add_argument("--seed", type=int, default=None, help="campaign seed (default: 1)")
     fuzz.add_argument("--stop-on-first", action="store_true", help="stop at the first divergence")
+    fuzz.add_argument(
+        "--jobs", type=int, default=None, metavar="N", help="worker processes (default: all cores)"
+    )
+    fuzz.add_argument(
+        "--cluster",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="run the workers on this Dask scheduler's cluster (needs lassfuzz[cluster])",
+    )
+    fuzz.add_argument(
+        "--resume", action="store_true", help="continue the campaign in --out where it stopped"
+    )
+    fuzz.add_argument(
+        "--keep", type=int, default=None, metavar="N", help="newest examples kept per bucket (5)"
+    )
+    fuzz.add_argument(
+        "--known",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="known signatures (TOML), besides DIR/known.toml",
+    )
+    fuzz.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="wall-clock bound per case; slower cases go to hangs/ (default: 10)",
+    )
+    fuzz.add_argument(
+        "--max-instructions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instruction bound per engine run (default: 10000)",
+    )
     trace_option(fuzz)
+    fuzz.set_defaults(trace=None)  # None = not given: --resume keeps the recorded mode
     policy_option(fuzz)
 
     repro = sub.add_parser("repro", help="re-run a crash or case file")
@@ -96,6 +141,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--reference-only", action="store_true", help="run the reference model only"
     )
     policy_option(matrix)
+
+    stats = sub.add_parser("stats", help="print a campaign directory's summary")
+    stats.add_argument("dir", type=Path, help="campaign output directory")
+    stats.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a campaign")
+    report.add_argument("dir", type=Path, help="campaign output directory")
+    report.add_argument(
+        "-o", "--out", type=Path, default=Path("report.html"), help="default: report.html"
+    )
     return parser
 
 
@@ -113,15 +168,46 @@ def _differential(policy: str | None, *, trace: bool = False) -> tuple[Different
     return Differential(ReferenceModel(), machine, trace=trace), name
 
 
-def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from lassfuzz.campaign.fuzz import Campaign, CampaignConfig, HealthCheckError, Stats
-    from lassfuzz.compare.differential import Finding
+def _cluster_backend(address: str) -> Backend:
+    """``--cluster``: the Dask backend, or one clear line if the extra or the cluster is missing."""
+    try:
+        from lassfuzz.campaign.cluster import ClusterError, DaskBackend
+    except ModuleNotFoundError as error:
+        if error.name not in ("dask", "distributed"):
+            raise
+        raise UsageError(
+            "--cluster needs the cluster extra: pip install 'lassfuzz[cluster]'"
+        ) from None
+    # The campaign reports a cluster failure itself, in one line; distributed's own log lines
+    # (reconnection attempts, its view of the failure) would only bury that line.
+    for logger in ("distributed", "distributed.client"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    try:
+        return DaskBackend(address)
+    except ClusterError as error:
+        raise UsageError(str(error)) from None
 
-    if args.cases is not None and args.cases < 1:
-        raise UsageError("--cases must be at least 1")
+
+def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.campaign.backend import LocalBackend, default_jobs
+    from lassfuzz.campaign.display import Display, LiveDisplay, PlainDisplay
+    from lassfuzz.campaign.fuzz import FuzzOptions, configure
+    from lassfuzz.campaign.health import HealthCheckError
+    from lassfuzz.campaign.supervisor import CampaignError, Supervisor
+    from lassfuzz.policies import PolicyError, load_policy
+
+    for name, value, least in (
+        ("--cases", args.cases, 1),
+        ("--jobs", args.jobs, 1),
+        ("--keep", args.keep, 0),
+        ("--max-instructions", args.max_instructions, 1),
+    ):
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be at least {least}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be positive")
     if args.cases is None and args.duration is None:
         raise UsageError("give --cases N or --duration D (a campaign needs an end)")
-    differential, policy_name = _differential(args.policy, trace=args.trace)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         probe = args.out / ".lassfuzz-write-test"
@@ -131,50 +217,56 @@ def cmd_fuzz(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(
             f"{args.out}: output directory is not writable ({error.strerror})"
         ) from None
-    interactive = err.isatty()
-
-    def progress(stats: Stats) -> None:
-        line = stats.progress_line()
-        err.write(f"\r{line}" if interactive else f"{line}\n")
-        err.flush()
-
-    def finding(found: Finding, new: bool) -> None:
-        if new:
-            prefix = "\n" if interactive else ""
-            err.write(f"{prefix}new {found.cls} divergence: {found.signature.describe()}\n")
-
-    config = CampaignConfig(
-        out=args.out,
-        seed=args.seed,
-        cases=args.cases,
-        duration_s=args.duration,
-        stop_on_first=args.stop_on_first,
-        policy_name=policy_name,
-    )
-    campaign = Campaign(config, differential, progress=progress, finding=finding)
-    try:
-        stats = campaign.run()
-    except HealthCheckError as error:
-        raise UsageError(f"health check failed: {error}") from None
-    except KeyboardInterrupt:
-        stats = campaign.stats
-        err.write("\ninterrupted; statistics flushed\n")
-    if interactive:
-        err.write("\n")
-    summary = stats.to_dict(final=True)
-    out.write(
-        f"{summary['cases']} cases in {summary['elapsed_s']:.1f}s "
-        f"({summary['cases_per_sec']} cases/s), {summary['compared']} compared, "
-        f"{summary['skipped']} skipped, {summary['errors']} errors\n"
-    )
-    for cls in ("lass", "base"):
-        entries = [e for e in stats.signatures.values() if e["class"] == cls]
-        out.write(
-            f"{cls} divergences: {stats.divergences_by_class.get(cls, 0)} ({len(entries)} unique)\n"
+    config = configure(
+        FuzzOptions(
+            out=args.out,
+            seed=args.seed,
+            policy=args.policy,
+            trace=args.trace,
+            max_instructions=args.max_instructions,
+            timeout_s=args.timeout,
+            keep=args.keep,
+            cases=args.cases,
+            duration_s=args.duration,
+            stop_on_first=args.stop_on_first,
+            resume=args.resume,
+            known=args.known,
         )
-        for entry in entries:
-            out.write(f"  {entry['count']:6d}  {entry['summary']}  {entry['file']}\n")
-    return EXIT_FOUND if stats.divergences else EXIT_OK
+    )
+    try:
+        load_policy(config.policy)  # here, with one clear line, rather than in every worker
+    except PolicyError as error:
+        raise UsageError(str(error)) from None
+    backend: Backend
+    if args.cluster is None:
+        backend = LocalBackend(args.jobs or default_jobs())
+    elif args.jobs is not None:
+        raise UsageError("--jobs and --cluster exclude each other (a cluster has its own workers)")
+    else:
+        backend = _cluster_backend(args.cluster)
+    display: Display = LiveDisplay(out) if out.isatty() else PlainDisplay(err)
+    try:
+        outcome = Supervisor(config, backend, display).run()
+    except (HealthCheckError, CampaignError) as error:
+        raise UsageError(str(error)) from None
+    finally:
+        display.close()
+    stats = outcome.stats
+    if outcome.stopped in ("SIGINT", "SIGTERM", "stop file"):
+        err.write(f"stopped ({outcome.stopped}); statistics flushed, --resume continues\n")
+    out.write(
+        f"{stats['cases']} cases in {stats['elapsed_s']:.1f}s "
+        f"({stats['cases_per_sec']} cases/s), {stats['compared']} compared, "
+        f"{stats['skipped']} skipped, {stats['errors']} errors, {stats['hangs']} hangs\n"
+    )
+    for cls in ("lass", "base", "tool-crash"):
+        buckets = [b for b in outcome.buckets if b.cls == cls]
+        count = stats["divergences_by_class"].get(cls, 0)
+        out.write(f"{cls} divergences: {count} ({len(buckets)} unique)\n")
+        for bucket in sorted(buckets, key=lambda b: -b.count):
+            known = "  (known)" if bucket.known is not None else ""
+            out.write(f"  {bucket.count:6d}  {bucket.summary}  crashes/{bucket.id}/{known}\n")
+    return EXIT_FOUND if outcome.unknown_findings else EXIT_OK
 
 
 def _rerun(path: Path, policy: str | None, trace: bool) -> tuple[int, str]:
@@ -289,6 +381,44 @@ def cmd_matrix(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(str(error)) from None
 
 
+def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import time
+
+    from lassfuzz.report.summary import load_campaign, summary_json
+    from lassfuzz.report.terminal import write_plain, write_rich
+
+    campaign = load_campaign(args.dir)
+    now = time.time()
+    try:
+        if args.json:
+            out.write(json.dumps(summary_json(campaign, now), indent=1) + "\n")
+        else:
+            (write_rich if out.isatty() else write_plain)(campaign, out, now)
+        out.flush()
+    except BrokenPipeError:
+        # `lassfuzz stats DIR | head` closed the pipe early: not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from lassfuzz.campaign.files import write_atomic
+    from lassfuzz.report.html import render_report
+    from lassfuzz.report.summary import load_campaign
+
+    campaign = load_campaign(args.dir)
+    page = render_report(campaign, out_dir=args.out.absolute().parent)
+    try:
+        write_atomic(args.out, page)
+    except OSError as error:
+        raise UsageError(f"{args.out}: cannot write ({error.strerror})") from None
+    out.write(f"report: {args.out}\n")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "fuzz": cmd_fuzz,
     "repro": cmd_repro,
@@ -296,6 +426,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "show": cmd_show,
     "bench": cmd_bench,
     "matrix": cmd_matrix,
+    "stats": cmd_stats,
+    "report": cmd_report,
 }
 
 

@@ -3,14 +3,17 @@
 Triage answers two questions about a divergence: its signature (which bucket), and its class:
 ``lass`` when it goes away with LASS disabled on both sides, ``base`` when it persists (an
 emulator deviation unrelated to LASS, reported apart so it does not drown LASS findings).
+A divergence in data no LASS rule decides is ``base`` too, even when the LASS-disabled run
+hides it (:func:`beyond_lass`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Final
 
-from lassfuzz.arch import CR4_LASS
+from lassfuzz.arch import CR4_LASS, GPR_NAMES, RFLAGS_AC
 from lassfuzz.case import TestCase
 from lassfuzz.compare.diff import Comparison, Divergence, Verdict, compare
 from lassfuzz.compare.signature import Signature, signature_of
@@ -56,8 +59,11 @@ class Differential:
         if divergence is None:
             raise ValueError("triage needs a diverging result")
         signature = signature_of(result.case, result.reference, result.emulator, divergence)
-        without_lass = self.run(lass_disabled(result.case))
-        cls = "base" if without_lass.comparison.verdict is Verdict.DIVERGE else "lass"
+        if beyond_lass(result, divergence):
+            cls = "base"
+        else:
+            without_lass = self.run(lass_disabled(result.case))
+            cls = "base" if without_lass.comparison.verdict is Verdict.DIVERGE else "lass"
         return Finding(result, divergence, signature, cls)
 
     def signature(self, case: TestCase) -> tuple[Result, Signature | None]:
@@ -67,6 +73,28 @@ class Differential:
         if result.comparison.verdict is not Verdict.DIVERGE or divergence is None:
             return result, None
         return result, signature_of(case, result.reference, result.emulator, divergence)
+
+
+#: Registers no LASS rule decides (CR4 is MOV CR4's, CPL and EFER the mode's, RIP the
+#: ending's; RFLAGS is checked bit by bit, since AC is LASS state).
+_DATA_REGISTERS: Final = frozenset({*GPR_NAMES, "cr0", "cr3", "fs_base", "gs_base"})
+
+
+def beyond_lass(result: Result, divergence: Divergence) -> bool:
+    """Whether ``divergence`` lies in data no LASS rule decides: memory, the access trace, a
+    general register, or RFLAGS other than AC. The comparison checks status, events and the
+    fault first, so both engines ended the same way: LASS allowed and refused the same
+    accesses, and the difference is computation (measured: a wrong CMPXCHG16B ZF before a
+    LASS #GP looked like ``lass`` because the LASS-disabled run went on and overwrote it)."""
+    if divergence.kind in ("memory", "trace"):
+        return True
+    if divergence.kind != "register":
+        return False
+    if divergence.field != "rflags":
+        return divergence.field in _DATA_REGISTERS
+    reference, emulator = result.reference.registers, result.emulator.registers
+    assert reference is not None and emulator is not None
+    return not (reference.rflags ^ emulator.rflags) & RFLAGS_AC
 
 
 def lass_disabled(case: TestCase) -> TestCase:

@@ -100,4 +100,5 @@ def family_at_fault(case: TestCase, fault: Fault | None) -> str:
     offset = (fault.rip - case.code_address) & 0xFFFF_FFFF_FFFF_FFFF
     if offset >= len(case.code):
         return "fetch" if fault.access == "fetch" else "outside-code"
-    return family_at(case.code[offset : offset + MAX_INSTRUCTION_LENGTH], fault.rip)
+    bits = 32 if case.state.mode == "compat" else 64
+    return family_at(case.code[offset : offset + MAX_INSTRUCTION_LENGTH], fault.rip, bits)

@@ -17,6 +17,7 @@ from typing import Final
 import iced_x86 as iced
 from iced_x86 import (
     Code,
+    CodeSize,
     EncodingKind,
     FlowControl,
     Mnemonic,
@@ -47,9 +48,13 @@ class Intercept(enum.Enum):
 _CACHE_FLUSH: Final = frozenset({Code.CLFLUSH_M8, Code.CLFLUSHOPT_M8, Code.CLWB_M8})
 _CONTROL_REGISTERS: Final = frozenset({Register.CR0, Register.CR3, Register.CR4})
 _UNMODELLED_CONTROL_REGISTERS: Final = frozenset({Register.CR2, Register.CR8})
-#: Instructions whose effects are outside the machine's scope today (descriptor-table and IDT
-#: accesses, privilege changes, machine-specific values, nondeterminism). The later issue that
-#: adds event delivery and far transfers moves entries out of this table into real handling.
+#: MOV to/from CRn: the R32 forms are the compatibility-mode encodings.
+_MOV_TO_CR: Final = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
+_MOV_FROM_CR: Final = frozenset({Code.MOV_R64_CR, Code.MOV_R32_CR})
+#: Instructions whose effects are outside the machine's scope (descriptor-table and IDT
+#: accesses, privilege changes, machine-specific values, nondeterminism). In cases with
+#: descriptor tables, lassfuzz.emulator.sysrun emulates the descriptor, INT n, IRETQ and
+#: SYSCALL/SYSRET ones itself before this table is consulted.
 _UNSUPPORTED: Final[Mapping[int, str]] = MappingProxyType(
     {
         Mnemonic.IRET: "IRET (privilege change)",
@@ -80,6 +85,8 @@ _UNSUPPORTED: Final[Mapping[int, str]] = MappingProxyType(
         Mnemonic.LSS: "LSS (segment load)",
         Mnemonic.LFS: "LFS (segment load)",
         Mnemonic.LGS: "LGS (segment load)",
+        Mnemonic.LDS: "LDS (segment load)",
+        Mnemonic.LES: "LES (segment load)",
         Mnemonic.WRMSR: "WRMSR (MSR writes are not modelled)",
         Mnemonic.RDMSR: "RDMSR (machine-specific MSRs)",
         Mnemonic.SWAPGS: "SWAPGS (IA32_KERNEL_GS_BASE is not modelled)",
@@ -96,7 +103,11 @@ _FOREIGN_ENCODINGS: Final = frozenset(
     {EncodingKind.VEX, EncodingKind.EVEX, EncodingKind.XOP, EncodingKind.MVEX, EncodingKind.D3NOW}
 )
 _SEGMENT_LOADS: Final = frozenset({Code.MOV_SREG_RM16, Code.MOV_SREG_R32M16, Code.MOV_SREG_R64M16})
-_SEGMENT_POPS: Final = frozenset({Code.POPW_FS, Code.POPQ_FS, Code.POPW_GS, Code.POPQ_GS})
+_SEGMENT_POPS: Final = frozenset(
+    getattr(Code, f"POP{size}_{segment}")
+    for size, segments in (("W", "CS DS ES SS FS GS"), ("D", "DS ES SS FS GS"), ("Q", "FS GS"))
+    for segment in segments.split()
+)
 _FAR_TRANSFERS: Final = frozenset(
     {
         Code.CALL_PTR1616,
@@ -147,7 +158,7 @@ def _intercept_by_code(code: CodeId) -> Intercept | None:
     mnemonic = iced.OpCodeInfo(code).mnemonic
     if mnemonic == Mnemonic.HLT:
         return Intercept.HLT
-    if mnemonic in (Mnemonic.POPF, Mnemonic.POPFQ):
+    if mnemonic in (Mnemonic.POPF, Mnemonic.POPFD, Mnemonic.POPFQ):
         return Intercept.POPF
     return None
 
@@ -157,16 +168,16 @@ def intercept_for(instruction: iced.Instruction) -> Intercept | None:
     if _unmodelled_control_register(instruction):
         return Intercept.PRIVILEGED_UNSUPPORTED
     code = instruction.code
-    if code == Code.MOV_CR_R64:
+    if code in _MOV_TO_CR:
         return Intercept.MOV_CR if instruction.op0_register in _CONTROL_REGISTERS else None
     return _intercept_by_code(code)
 
 
 def _unmodelled_control_register(instruction: iced.Instruction) -> bool:
     code = instruction.code
-    if code == Code.MOV_CR_R64:
+    if code in _MOV_TO_CR:
         return instruction.op0_register in _UNMODELLED_CONTROL_REGISTERS
-    return code == Code.MOV_R64_CR and instruction.op1_register in _UNMODELLED_CONTROL_REGISTERS
+    return code in _MOV_FROM_CR and instruction.op1_register in _UNMODELLED_CONTROL_REGISTERS
 
 
 @dataclass(frozen=True)
@@ -187,10 +198,13 @@ class Prescan:
         return reason
 
 
-def prescan(code: bytes, code_address: int, following: bytes = b"") -> Prescan:
+def prescan(
+    code: bytes, code_address: int, following: bytes = b"", *, bitness: int = 64
+) -> Prescan:
     """Decode ``code`` at ``code_address``; ``following`` are the bytes after the code (so an
-    instruction that runs past the end decodes as Unicorn will execute it)."""
-    decoder = iced.Decoder(64, code + following[:MAX_INSTRUCTION_BYTES], ip=code_address)
+    instruction that runs past the end decodes as Unicorn will execute it). ``bitness`` is 32
+    for compatibility-mode code."""
+    decoder = iced.Decoder(bitness, code + following[:MAX_INSTRUCTION_BYTES], ip=code_address)
     instructions: dict[int, iced.Instruction] = {}
     intercepts: dict[int, Intercept] = {}
     branches: set[int] = set()
@@ -285,6 +299,8 @@ def memory_accesses(
         if RegisterExt.is_gpr32(used.base) or RegisterExt.is_gpr32(used.index):
             address &= 0xFFFF_FFFF
         address = (address + segment_base(used.segment)) & MASK64
+        if instruction.code_size != CodeSize.CODE64:
+            address &= 0xFFFF_FFFF  # compatibility mode: 32-bit linear addresses
         size = iced.MemorySizeExt.size(used.memory_size) or iced.MemorySizeExt.size(
             instruction.memory_size
         )

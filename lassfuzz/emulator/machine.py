@@ -1,24 +1,28 @@
 """The Unicorn machine: one long-lived ``Uc`` that runs lassfuzz cases, with or without the shim.
 
 Set-up is done once: Broadwell CPU model (Haswell ignores SMAP), the case RAM mapped, a GDT and a
-boot stub above ``PHYS_CASE_END``, CPL0 and CPL3 entered through real IRETQs and saved as
-contexts. Per case: restore a context, reset memory, write the case's registers, flush the TLB
-and the translated code, run, and turn Unicorn's events into an :class:`Outcome`.
+boot stub above ``PHYS_CASE_END``, every (mode, CPL) entered through a real IRETQ and saved as
+a context (:mod:`lassfuzz.emulator.modes`). Per case: restore a context, reset memory, write
+the case's registers, flush the TLB and the translated code, run, and turn Unicorn's events into
+an :class:`Outcome`. Cases with descriptor tables run in :mod:`lassfuzz.emulator.sysrun`.
 
 With the shim (the default) Unicorn runs in virtual-TLB mode and the shim's fill hook is the MMU
 (see :mod:`lassfuzz.emulator.shim`). ``shim=False`` is *plain Unicorn* for benchmarks: its own
 ``Uc`` with QEMU's own page walk (``UC_TLB_CPU``), no Python hook but the exception one, so the
 benchmark charges the shim with everything it adds (walk in Python, intercepts, pre-scan).
 
-Two Unicorn shortcomings are repaired by re-running the (deterministic) case with extra code
-hooks: a branch to a non-canonical target must fault at the branch (QEMU commits it and faults
-at the target), and a fault raised from the shim's fill hook leaves QEMU's lazy flags unsynced
-(RFLAGS loses bits set earlier in the same block).
+A branch to a non-canonical target must fault at the branch (QEMU commits it and faults at
+the target): that case is re-run (it is deterministic), stopping at that branch.
+
+The instruction budget is counted in the shim's block hook, not with ``emu_start(count=...)``:
+Unicorn implements ``count`` as a code hook on every instruction, and a code hook makes QEMU's
+lazy flags wrong when the hooked instruction faults (:meth:`CaseRun.rflags_at_fault`); it also
+costs a helper call per instruction.
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from unicorn.unicorn_const import (
     UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_ERR_INSN_INVALID,
+    UC_ERR_OK,
     UC_HOOK_BLOCK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
@@ -43,6 +48,8 @@ from unicorn.unicorn_const import (
     UC_TLB_CPU,
     UC_TLB_VIRTUAL,
 )
+from unicorn.unicorn_py3.arch.types import uc_hook_h
+from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uccallback, uclib
 from unicorn.x86_const import (
     UC_CPU_X86_BROADWELL,
     UC_X86_INS_CPUID,
@@ -50,19 +57,18 @@ from unicorn.x86_const import (
     UC_X86_REG_CR2,
     UC_X86_REG_CR3,
     UC_X86_REG_CR4,
-    UC_X86_REG_CS,
     UC_X86_REG_EFLAGS,
     UC_X86_REG_FS_BASE,
-    UC_X86_REG_GDTR,
     UC_X86_REG_GS_BASE,
     UC_X86_REG_RIP,
-    UC_X86_REG_RSP,
 )
 
 from lassfuzz.arch import (
     CR0_AM,
     CR0_PE,
     CR0_PG,
+    CR4_LA57,
+    CR4_LASS,
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
@@ -75,6 +81,7 @@ from lassfuzz.arch import (
 )
 from lassfuzz.case import PHYS_CASE_END, CaseFormatError, MemoryImage, TestCase, materialize
 from lassfuzz.emulator.decode import MAX_INSTRUCTION_BYTES, Prescan, prescan
+from lassfuzz.emulator.modes import MSR_EFER, boot_contexts
 from lassfuzz.emulator.shim import (
     GPR_IDS,
     SUPPORTED_CR4,
@@ -83,28 +90,19 @@ from lassfuzz.emulator.shim import (
     Stop,
     is_canonical,
 )
+from lassfuzz.emulator.sysrun import run_system_case
 from lassfuzz.outcome import Fault, Outcome, Registers, Status
 from lassfuzz.policies import BUILTIN, DEFAULT_POLICY, Policy
 
 #: Unicorn's Python binding is untyped for x86: it is used through these two names only.
 _UNICORN: Final[Any] = unicorn
 UcError: Final[type[Exception]] = _UNICORN.UcError
-MSR_EFER: Final = 0xC000_0080
 #: Machine-only physical memory above the case RAM: GDT, boot code, boot stack, landing pad.
 GDT_BASE: Final = PHYS_CASE_END
 BOOT_CODE: Final = PHYS_CASE_END + PAGE_SIZE
 BOOT_STACK_TOP: Final = PHYS_CASE_END + 3 * PAGE_SIZE
 LANDING: Final = PHYS_CASE_END + 3 * PAGE_SIZE
 MACHINE_END: Final = PHYS_CASE_END + 4 * PAGE_SIZE
-KERNEL_CS, KERNEL_SS, USER_CS, USER_SS = 0x08, 0x10, 0x1B, 0x23
-_GDT: Final = (
-    0,
-    0x0020_9A00_0000_0000,  # 0x08: ring-0 64-bit code
-    0x0000_9200_0000_0000,  # 0x10: ring-0 data
-    0x0020_FA00_0000_0000,  # 0x18: ring-3 64-bit code
-    0x0000_F200_0000_0000,  # 0x20: ring-3 data
-)
-_IRETQ: Final = bytes.fromhex("48cf")
 _ZERO_PAGE: Final = bytes(PAGE_SIZE)
 _UC_GPRS: Final = tuple(GPR_IDS[key] for key in sorted(GPR_IDS))
 _FINAL_REGISTERS: Final = (
@@ -154,14 +152,10 @@ class UnicornMachine:
         max_instructions: int = 10_000,
         policy_name: str | None = None,
         timeout: float | None = None,
-        exact_flags: bool = True,
     ) -> None:
         """``timeout`` (seconds) arms Unicorn's wall-clock timer as a safety net. It is off by
         default: the timer starts a thread per run (~100 us, four times a short case's cost),
-        and ``max_instructions`` already bounds every run (REP iterations count, measured).
-        ``exact_flags=False`` skips the re-run that repairs RFLAGS after a fault in a block
-        that modified flags (see :meth:`_with_exact_flags`): ~10% faster, ~1-2% of faulting
-        cases then report RFLAGS bits QEMU lost."""
+        and ``max_instructions`` already bounds every run (REP iterations count)."""
         if max_instructions < 1:
             raise ValueError(f"max_instructions {max_instructions} must be positive")
         self.policy: Policy = BUILTIN[DEFAULT_POLICY] if policy is None else policy
@@ -169,13 +163,14 @@ class UnicornMachine:
         self.shim = shim
         self.max_instructions = max_instructions
         self.timeout = timeout
-        self.exact_flags = exact_flags
         self._run: CaseRun | None = None  # None while booting: the fill hook maps identity
         self._vector: int | None = None
         self._used_frames: set[int] = set()
         self._exec_frames: set[int] = set()
         self._previous_code: tuple[int, int] | None = None
         self._uc = self._create()
+        # One ctypes callback for every intercept hook (see _hook_intercept).
+        self._intercept_callback = uccallback(self._uc, HOOK_CODE_CFUNC)(self._on_intercept)
         self._port = FastPort(self._uc)
         self._contexts = self._boot()
         from lassfuzz.emulator.selftest import check_machine
@@ -196,24 +191,20 @@ class UnicornMachine:
             uc.hook_add(UC_HOOK_INSN, self._on_cpuid, aux1=UC_X86_INS_CPUID)
         return uc
 
-    def _boot(self) -> dict[int, Any]:
-        """Enter CPL0 and CPL3 through real IRETQs (writing CS does not change CPL in Unicorn)."""
-        uc = self._uc
-        uc.mem_write(GDT_BASE, b"".join(struct.pack("<Q", d) for d in _GDT))
-        uc.reg_write(UC_X86_REG_GDTR, (0, GDT_BASE, 8 * len(_GDT) - 1, 0))
-        uc.mem_write(BOOT_CODE, _IRETQ)
-        contexts = {}
-        for cpl, cs, ss in ((0, KERNEL_CS, KERNEL_SS), (3, USER_CS, USER_SS)):
-            frame = struct.pack("<5Q", LANDING, cs, 0x2, BOOT_STACK_TOP, ss)
-            uc.mem_write(BOOT_STACK_TOP - PAGE_SIZE, frame)
-            uc.reg_write(UC_X86_REG_RSP, BOOT_STACK_TOP - PAGE_SIZE)
-            uc.emu_start(BOOT_CODE, LANDING, count=1)
-            if self._vector is not None or uc.reg_read(UC_X86_REG_CS) != cs:
-                raise EmulatorSelfTestError(
-                    f"boot: IRETQ to CPL{cpl} failed (CS {uc.reg_read(UC_X86_REG_CS):#x}, "
-                    f"exception {self._vector})"
-                )
-            contexts[cpl] = uc.context_save()
+    def _boot(self) -> dict[tuple[str, int], Any]:
+        """Enter every (mode, CPL) through real IRETQs (writing CS does not change CPL)."""
+        try:
+            contexts = boot_contexts(
+                self._uc, gdt=GDT_BASE, code=BOOT_CODE, stack_top=BOOT_STACK_TOP, landing=LANDING
+            )
+        except RuntimeError as error:
+            raise EmulatorSelfTestError(str(error)) from None
+        if self.shim:
+            # Boot counted its IRETQs with Unicorn's instruction counter (a code hook). The
+            # first run without ``count`` deletes that hook, and the deletion invalidates
+            # translated code through fetch fills: do it now, while the fill hook maps
+            # identity, not inside a case whose shim would take the fills for the case's.
+            self._uc.emu_start(LANDING, LANDING)
         return contexts
 
     # ------------------------------------------------------------------------- hooks
@@ -236,8 +227,12 @@ class UnicornMachine:
         run = self._run
         if run is None:
             return
-        run.new_block(address)
         stop = run.check_block(address)
+        spent = run.entered >= self.max_instructions
+        if run.new_block(address, size) and spent:
+            # The budget ran out before this block: the model stops there too. A block that
+            # starts within the budget and runs past it is judged by _within_budget.
+            stop = Stop(Status.HANG, detail=f"budget of {self.max_instructions} instructions spent")
         if stop is not None:
             run.stop = stop
             uc.emu_stop()
@@ -261,18 +256,29 @@ class UnicornMachine:
             image = materialize(case)
         except CaseFormatError as error:
             return Outcome(self.name, Status.UNSUPPORTED, detail=f"case layout: {error}")
-        scan = prescan(case.code, case.code_address, _following_bytes(case, image))
+        scan = prescan(
+            case.code,
+            case.code_address,
+            _following_bytes(case, image),
+            bitness=64 if case.state.mode == "64" else 32,
+        )
+        if case.state.system is not None:
+            if not self.shim:  # descriptor tables and event delivery are the shim's work
+                return Outcome(
+                    self.name, Status.UNSUPPORTED, detail="system tables without the shim"
+                )
+            try:
+                return run_system_case(self, case, image, scan, trace=trace)
+            except UcError as error:
+                return Outcome(self.name, Status.ERROR, detail=f"unicorn: {error}")
         try:
             execution = self._execute(case, image, scan, trace=trace)
             stop = self._interpret(case, execution)
-            if _is_noncanonical_branch(stop):
+            if _is_noncanonical_branch(stop, execution.run.bits):
                 execution, stop = self._fault_at_branch(case, image, scan, stop, trace=trace)
-            elif (
-                self.exact_flags
-                and stop.fault is not None
-                and execution.run.flags_may_be_stale(stop.fault.rip)
-            ):
-                execution = self._with_exact_flags(case, image, scan, stop.fault.rip, trace=trace)
+            elif stop.fault is not None and execution.run.flags_clobbered(stop.fault.rip):
+                execution = self._with_hooked_flags(case, image, scan, stop.fault.rip, trace=trace)
+            stop = self._within_budget(stop, execution.run)
         except UcError as error:
             return Outcome(self.name, Status.ERROR, detail=f"unicorn: {error}")
         return self._outcome(execution, stop, image)
@@ -286,11 +292,9 @@ class UnicornMachine:
         trace: bool,
         watch: Watch | None = None,
         rerun_of: CaseRun | None = None,
-        replay: bool = False,
     ) -> _Execution:
         """Reset the machine for ``case`` and run it. A re-run of the case just run
-        (``rerun_of``) restores only the frames that run wrote; with ``replay`` its fills are
-        answered from that run's walks."""
+        (``rerun_of``) restores only the frames that run wrote."""
         uc = self._uc
         run = CaseRun(
             self._port,
@@ -301,7 +305,6 @@ class UnicornMachine:
             self.policy_name,
             shim=self.shim,
             trace=trace,
-            replay=rerun_of if replay else None,
         )
         watched = (
             {image.page_frames.get(address & ~(PAGE_SIZE - 1)) for address in watch.addresses}
@@ -319,7 +322,8 @@ class UnicornMachine:
                 case.code_address,
                 case.code_end,
                 timeout=0 if self.timeout is None else int(self.timeout * 1_000_000),
-                count=self.max_instructions,
+                # Plain Unicorn has no block hook to count in: it uses Unicorn's counter.
+                count=0 if self.shim else self.max_instructions,
             )
         except UcError as failure:
             error = int(getattr(failure, "errno", -1))
@@ -352,7 +356,8 @@ class UnicornMachine:
                 uc.mem_write(frame, image.frames[frame])
             self._used_frames = set(frames)
         state = case.state
-        uc.context_restore(self._contexts[state.cpl])  # also clears QEMU's stale old_exception
+        # Restoring a context also clears QEMU's stale old_exception.
+        uc.context_restore(self._contexts[(state.mode, state.cpl)])
         uc.msr_write(MSR_EFER, state.efer)
         uc.reg_write_batch(
             [
@@ -388,6 +393,25 @@ class UnicornMachine:
             address, size = self._previous_code
             uc.ctl_remove_cache(address, address + size)
 
+    def _hook_intercept(self, address: int) -> int:
+        """A code hook on ``address`` calling :meth:`_on_intercept`, added through the C API
+        with one shared callback: the binding's ``hook_add`` builds a ctypes callback per
+        call (~25 us, measured), a cost every case with an intercept paid."""
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(
+            self._uc._uch,
+            ctypes.byref(handle),
+            UC_HOOK_CODE,
+            self._intercept_callback,
+            None,
+            ctypes.c_uint64(address),
+            ctypes.c_uint64(address),
+        )
+        if status != UC_ERR_OK:
+            raise UcError(status)
+        self._uc._callbacks[handle.value] = self._intercept_callback  # what Uc.hook_del drops
+        return int(handle.value)
+
     def _case_hooks(
         self,
         run: CaseRun,
@@ -399,10 +423,7 @@ class UnicornMachine:
         if not self.shim:
             return []
         uc = self._uc
-        hooks = [
-            uc.hook_add(UC_HOOK_CODE, self._on_intercept, begin=address, end=address)
-            for address in scan.intercepts
-        ]
+        hooks = [self._hook_intercept(address) for address in scan.intercepts]
         if watch is not None:
 
             def on_watched(uc: Any, address: int, size: int, _: object) -> None:
@@ -413,7 +434,6 @@ class UnicornMachine:
                 for address in watch.addresses
             ]
         if trace:
-            hooks.append(uc.hook_add(UC_HOOK_CODE, lambda *_: run.on_instruction()))
             hooks.append(
                 uc.hook_add(
                     UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
@@ -460,18 +480,17 @@ class UnicornMachine:
         self, case: TestCase, image: MemoryImage, scan: Prescan, stop: Stop, *, trace: bool
     ) -> tuple[_Execution, Stop]:
         """A branch to a non-canonical target faults *at the branch*, with no side effects;
-        QEMU reports RIP = target after committing them. Re-run the (deterministic) case twice:
-        once to find the last branch executed, once to stop just before it."""
-        assert stop.fault is not None
-        hits: list[int] = []
-        record = Watch(scan.branches, lambda _run, address: hits.append(address))
-        self._execute(case, image, scan, trace=False, watch=record, rerun_of=self._run)
-        if not hits:
+        QEMU reports RIP = target after committing them. The block hook saw which branch ended
+        the last block and how often it ran: re-run the (deterministic) case, stopping just
+        before that execution of it."""
+        assert stop.fault is not None and self._run is not None
+        last = self._run.last_branch()
+        if last is None:
             return self._execute(case, image, scan, trace=trace), Stop(
                 Status.UNSUPPORTED,
                 detail=f"fetch of non-canonical {stop.fault.rip:#x} without a branch",
             )
-        branch, occurrence = hits[-1], hits.count(hits[-1])
+        branch, occurrence = last
         seen = 0
         target = stop.fault.rip
 
@@ -481,6 +500,7 @@ class UnicornMachine:
                 return
             seen += 1
             if seen == occurrence:
+                run.flags_at_hook = (address, run.uc.reg_read(UC_X86_REG_EFLAGS))
                 fault = Fault(VEC_GP, 0, branch, access="fetch", address=target)
                 detail = f"branch to non-canonical {target:#x}"
                 run.stop = Stop(Status.FAULT, fault, detail=detail)
@@ -491,24 +511,35 @@ class UnicornMachine:
         assert execution.run.stop is not None
         return execution, execution.run.stop
 
-    def _with_exact_flags(
+    def _with_hooked_flags(
         self, case: TestCase, image: MemoryImage, scan: Prescan, rip: int, *, trace: bool
     ) -> _Execution:
-        """Re-run a case whose fault may have left QEMU's lazy flags unsynced, recording RFLAGS
-        in a code hook on the faulting instruction (exact there); the last record is the one.
-
-        When the shim refuses a fill, Unicorn leaves the TB without restoring QEMU's
-        translation-time flags state, so RFLAGS loses bits set by earlier instructions of the
-        same block (measured: ``adc r8, imm; mov r8w, [unmapped]`` reports RFLAGS = 0x2).
-        """
+        """Re-run the (deterministic) case with a code hook on the instruction at ``rip``,
+        whose fault left RFLAGS clobbered (:meth:`CaseRun.flags_clobbered`): the hook reads
+        RFLAGS before each execution of it, and the last read is the value at the fault."""
 
         def record(run: CaseRun, address: int) -> None:
-            run.flags_before = (address, run.uc.reg_read(UC_X86_REG_EFLAGS))
+            run.flags_at_hook = (address, run.uc.reg_read(UC_X86_REG_EFLAGS))
 
         watch = Watch(frozenset({rip}), record)
-        return self._execute(
-            case, image, scan, trace=trace, watch=watch, rerun_of=self._run, replay=True
-        )
+        return self._execute(case, image, scan, trace=trace, watch=watch, rerun_of=self._run)
+
+    def _within_budget(self, stop: Stop, run: CaseRun) -> Stop:
+        """The block hook stops a run at the first block that starts past the budget, so the
+        last block may have run past it: an ending there came after the budget ran out.
+        The model checks the budget before each instruction, so a fault needs fewer than
+        ``max_instructions`` instructions before it, completion or HLT at most that many."""
+        if not self.shim:
+            return stop  # Unicorn's own counter stopped it exactly
+        if stop.status is Status.FAULT:
+            limit = self.max_instructions - 1
+        elif stop.status in (Status.COMPLETED, Status.HALTED):
+            limit = self.max_instructions
+        else:
+            return stop
+        if run.executed(_stop_rip(stop)) > limit:
+            return Stop(Status.HANG, detail=f"budget of {self.max_instructions} instructions spent")
+        return stop
 
     def _outcome(self, execution: _Execution, stop: Stop, image: MemoryImage) -> Outcome:
         uc = self._uc
@@ -534,16 +565,25 @@ class UnicornMachine:
             frame: bytes(tables[frame]) if frame in tables else bytes(uc.mem_read(frame, PAGE_SIZE))
             for frame in image.frames
         }
-        faulted = stop.status is Status.FAULT
+        if stop.status is Status.HANG:
+            instructions = self.max_instructions
+        else:
+            instructions = execution.run.executed(_stop_rip(stop)) if self.shim else 0
         return Outcome(
             engine=self.name,
             status=stop.status,
             registers=registers,
             fault=stop.fault,
             memory=memory,
-            trace=execution.run.final_trace(faulted=faulted),
+            trace=execution.run.final_trace(None if stop.fault is None else stop.fault.rip),
+            instructions=instructions,
             detail=stop.detail,
         )
+
+
+def _stop_rip(stop: Stop) -> int | None:
+    """Where a run stopped, for counting: the faulting instruction, or past the HLT."""
+    return stop.fault.rip if stop.fault is not None else stop.rip
 
 
 def _policy_name(policy: Policy) -> str:
@@ -557,9 +597,7 @@ def _policy_name(policy: Policy) -> str:
 def _unsupported_state(case: TestCase) -> str | None:
     """Initial states the machine does not model (docs/machine.md)."""
     state = case.state
-    if state.mode != "64" or state.cpl not in (0, 3) or state.system is not None:
-        return f"mode {state.mode}, CPL {state.cpl}, system tables: not emulated yet"
-    supported_cr4 = SUPPORTED_CR4 | (1 << 27 if state.lass_supported else 0)
+    supported_cr4 = SUPPORTED_CR4 | CR4_LA57 | (CR4_LASS if state.lass_supported else 0)
     if state.cr4 & ~supported_cr4 or not state.cr4 & CR4_PAE:
         return f"initial CR4 {state.cr4:#x} has unsupported bits or lacks PAE"
     if state.cr0 & CR0_AM:
@@ -570,7 +608,7 @@ def _unsupported_state(case: TestCase) -> str | None:
         return f"initial EFER {state.efer:#x} is not long mode"
     if state.rflags & RFLAGS_TF:
         return "RFLAGS.TF = 1 (single-step is not modelled)"
-    if not is_canonical(case.code_address):
+    if not is_canonical(case.code_address, 57 if state.la57 else 48):
         return f"code address {case.code_address:#x} is not canonical"
     return None
 
@@ -586,11 +624,11 @@ def _following_bytes(case: TestCase, image: MemoryImage) -> bytes:
     return bytes(image.frames[frame][offset : offset + MAX_INSTRUCTION_BYTES])
 
 
-def _is_noncanonical_branch(stop: Stop) -> bool:
+def _is_noncanonical_branch(stop: Stop, bits: int) -> bool:
     fault = stop.fault
     return (
         fault is not None
         and fault.vector == VEC_GP
         and fault.access == "fetch"
-        and not is_canonical(fault.rip)
+        and not is_canonical(fault.rip, bits)
     )

@@ -1,4 +1,5 @@
-"""The 4-level page walk the Unicorn machine's TLB-fill hook performs (docs/machine.md, Paging).
+"""The 4- or 5-level page walk the Unicorn machine's TLB-fill hook performs (docs/machine.md,
+Paging; 5 levels when CR4.LA57 = 1).
 
 Unicorn's virtual-TLB mode leaves translation to us, so this walk *is* the emulator's MMU. It is
 pure: it reads paging entries through a callable and returns what happened, including which
@@ -13,6 +14,7 @@ from typing import Final
 
 from lassfuzz.arch import (
     CR0_WP,
+    CR4_LA57,
     CR4_SMAP,
     CR4_SMEP,
     EFER_NXE,
@@ -34,6 +36,7 @@ from lassfuzz.arch import (
 
 KINDS: Final = ("read", "write", "fetch")
 _LEVEL_SHIFTS: Final = (39, 30, 21, 12)
+_LA57_LEVEL_SHIFTS: Final = (48, *_LEVEL_SHIFTS)
 _ENTRY_BYTES: Final = 8
 
 
@@ -87,7 +90,8 @@ def walk(
     page: int,
     mmu: MmuState,
 ) -> Walk:
-    """Walk the 4-level tables at ``cr3`` for linear ``page`` under ``mmu``.
+    """Walk the paging structures at ``cr3`` (a PML5 when ``mmu.cr4`` has LA57, else a PML4)
+    for linear ``page`` under ``mmu``.
 
     ``read_entry(physical_address)`` returns a u64 entry; ``frame_known(frame)`` says whether a
     frame belongs to the case image (anything else is :class:`WalkUnsupported`).
@@ -100,7 +104,8 @@ def walk(
     accessed: list[int] = []
     user = writable = True
     no_exec = False
-    for level, shift in enumerate(_LEVEL_SHIFTS):
+    shifts = _LA57_LEVEL_SHIFTS if mmu.cr4 & CR4_LA57 else _LEVEL_SHIFTS
+    for level, shift in enumerate(shifts):
         if not frame_known(table):
             raise WalkUnsupported(f"paging structure at {table:#x} is outside the case image")
         address = table + ((page >> shift) & 0x1FF) * _ENTRY_BYTES
@@ -111,7 +116,7 @@ def walk(
         # a PS bit (large page, or reserved in the PML4E) is outside the case format.
         if entry & PTE_NX and not nxe:
             return _refused(base_code | PFEC_P | PFEC_RSVD, fetch_bit, accessed)
-        leaf_level = level == len(_LEVEL_SHIFTS) - 1
+        leaf_level = level == len(shifts) - 1
         if entry & PTE_PS and not leaf_level:
             raise WalkUnsupported(f"large page (PS=1) in entry at {address:#x}")
         user &= bool(entry & PTE_US)

@@ -15,11 +15,12 @@ record into an :class:`~lassfuzz.outcome.Outcome`.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import iced_x86 as iced
-from iced_x86 import Code, FlowControl, OpKind, Register, RegisterExt
+from iced_x86 import Code, FlowControl, Mnemonic, OpKind, Register, RegisterExt, RflagsBits
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, x86_const
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_MEM_READ, UC_MEM_WRITE
 from unicorn.unicorn_py3.unicorn import uclib
@@ -52,6 +53,7 @@ from lassfuzz.arch import (
     CR0_PG,
     CR0_TS,
     CR0_WP,
+    CR4_LA57,
     CR4_LASS,
     CR4_OSFXSR,
     CR4_OSXMMEXCPT,
@@ -66,7 +68,6 @@ from lassfuzz.arch import (
     PAGE_SIZE,
     PTE_A,
     PTE_D,
-    RFLAGS_AC,
     RFLAGS_TF,
     VEC_GP,
     VEC_PF,
@@ -110,12 +111,25 @@ _CR_IDS: Final = {
     Register.CR3: UC_X86_REG_CR3,
     Register.CR4: UC_X86_REG_CR4,
 }
+#: A paging-structure entry (the walk reads ~7 per TLB fill).
+_ENTRY: Final = struct.Struct("<Q")
+#: QEMU's TCG_MAX_INSNS: no translated block holds more instructions.
+_MAX_BLOCK_INSTRUCTIONS: Final = 512
+_PUSHF: Final = frozenset({Mnemonic.PUSHF, Mnemonic.PUSHFD, Mnemonic.PUSHFQ})
+_STATUS_FLAGS: Final = (
+    RflagsBits.OF | RflagsBits.SF | RflagsBits.ZF | RflagsBits.AF | RflagsBits.PF | RflagsBits.CF
+)
+#: String operands addressed with ESI/EDI (an 0x67 prefix in 64-bit mode): REP counts ECX.
+_ADDRESS32_STRING_OPERANDS: Final = frozenset(
+    {OpKind.MEMORY_SEG_ESI, OpKind.MEMORY_SEG_EDI, OpKind.MEMORY_ESEDI}
+)
 _GENU, _INEI, _NTEL = (int.from_bytes(text, "little") for text in (b"Genu", b"ineI", b"ntel"))
 
 
-def is_canonical(address: int) -> bool:
-    """48-bit canonical form (LA57 off): bits 63:47 all equal."""
-    return (address >> 47) in (0, 0x1FFFF)
+def is_canonical(address: int, bits: int = 48) -> bool:
+    """Canonical form for ``bits``-bit linear addresses (48, or 57 with LA57): bits 63:bits-1
+    all equal."""
+    return (address >> (bits - 1)) in (0, MASK64 >> (bits - 1))
 
 
 def _cr0_unsupported(value: int) -> str | None:
@@ -228,7 +242,6 @@ class CaseRun:
         *,
         shim: bool,
         trace: bool,
-        replay: CaseRun | None = None,
     ) -> None:
         self.uc = uc
         self.case = case
@@ -243,19 +256,32 @@ class CaseRun:
         self.cr3 = image.cr3
         self.cr4 = state.cr4
         self.efer = state.efer
+        #: Linear-address width (57 with LA57: CR4.LA57 cannot change during a case) and the
+        #: code size (CS.L; compatibility mode has 32-bit code), both for the policy's view.
+        self.bits = 57 if state.la57 else 48
+        self.cs_l = state.mode == "64"
+        #: Code outside the pre-scan has a code hook on every instruction (system cases,
+        #: lassfuzz.emulator.sysrun): check_block need not refuse it.
+        self.hooks_foreign_code = False
         #: The paging structures live here, not in Unicorn's memory: in virtual-TLB mode nothing
         #: but the fill hook reads them, and no linear page maps a table frame, so the walk and
         #: its A/D updates stay in Python and the outcome takes the final tables from here.
         self.tables = {frame: bytearray(image.frames[frame]) for frame in image.table_frames}
+        self.end_page = case.code_end & ~(PAGE_SIZE - 1)
         self.code_pages = _pages_spanned(case.code_address, len(case.code) + MAX_INSTRUCTION_BYTES)
         self.refusal: Refusal | None = None
-        #: Fills granted, by _fill_key: a re-run of the same case (``replay``) answers from it.
-        self.granted: dict[tuple[int, ...], tuple[int, int]] = {}
-        self.replay = replay
         self.foreign: dict[int, iced.Instruction] = {}  # decoded outside the pre-scan
         self.shapes: dict[int, AccessShape] = {}  # by RIP, computed on the first data fill
-        self.block_start: int | None = None
-        self.flags_before: tuple[int, int] | None = None  # (RIP, RFLAGS) taken by a re-run
+        #: (RIP, RFLAGS) read in the last code hook: the flags before that instruction (see
+        #: :meth:`rflags_at_fault`).
+        self.flags_at_hook: tuple[int, int] | None = None
+        #: Instructions of the blocks entered so far (REP iterations one each) and the
+        #: addresses of the last block's instructions: the budget and ``Outcome.instructions``.
+        self.entered = 0
+        self.last_block: tuple[int, ...] = ()
+        #: How often each instruction ended a block that ran to its end (before the last).
+        self.completed_ends: dict[int, int] = {}
+        self.blocks: dict[tuple[int, int], tuple[int, ...]] = {}
         #: (rip, entry address, old entry) of A/D changes made since the current block started.
         self.bit_log: list[tuple[int, int, int]] = []
         self.stop: Stop | None = None
@@ -265,12 +291,10 @@ class CaseRun:
             set()
         )  # frames given WRITE permission (a re-run resets them)
         self.trace: list[Access] | None = [] if trace else None
-        self.instruction_trace_start = 0
-        if replay is not None:  # the first run's walks are final: share their results
-            self.tables = replay.tables
-            self.frame_pages = replay.frame_pages
-            self.exec_frames = replay.exec_frames
-            self.written_frames = replay.written_frames
+        #: Per trace entry: the RIP of its instruction and the block it ran in (REP
+        #: iterations are blocks of their own), to find the faulting instruction's entries.
+        self.trace_origins: list[tuple[int, int]] = []
+        self.blocks_entered = 0
 
     # ----------------------------------------------------------------------------- TLB fill
 
@@ -278,9 +302,11 @@ class CaseRun:
         """The page walk for one TLB miss; False refuses the access (recorded for the fault)."""
         kind = FILL_KINDS[access]
         # Unicorn keeps RIP exact in the fill hook (measured); fetch fills need no attribution.
-        if self.replay is not None:
-            return self._replay_fill(page, kind, entry, self.replay)
         rip = None if kind == "fetch" else self.uc.reg_read(UC_X86_REG_RIP)
+        if rip is not None:
+            self._repair_restored_flags(rip)
+        elif page == self.end_page and self.uc.reg_read(UC_X86_REG_RIP) == self.case.code_end:
+            return self._fill_end(entry)
         try:
             return self._fill(page, kind, rip, entry)
         except PolicyFailure as failure:
@@ -288,6 +314,17 @@ class CaseRun:
         except WalkUnsupported as error:
             self.stop = Stop(Status.UNSUPPORTED, detail=str(error))
         return False
+
+    def _fill_end(self, entry: Any) -> bool:
+        """QEMU fetches the page of ``code_end`` before it notices that it is the end (the exit
+        check runs when the block is translated), though the case ends there with no fetch
+        (docs/machine.md): answer without a walk, so no A bit is set and no fault raised
+        (measured: a case whose last instruction enabled SMEP reported #PF at its end)."""
+        frame = self.image.page_frames.get(self.end_page, 0)
+        entry.paddr = frame
+        entry.perms = UC_PROT_EXEC
+        self.exec_frames.add(frame)  # the translated end block must not outlive the case
+        return True
 
     def _fill(self, page: int, kind: str, rip: int | None, entry: Any) -> bool:
         mmu = self.mmu()
@@ -297,7 +334,7 @@ class CaseRun:
             earlier = self._architectural_prefix(rip, kind, page, mmu)
             if earlier is not None:
                 return self._refuse(earlier, rip)
-        if not is_canonical(page):
+        if not is_canonical(page, self.bits):
             return self._refuse(Refusal(page, kind, "canonical"), rip)
         if self.lass_active and self.ask_policy(page, PAGE_SIZE, kind, mmu):
             return self._refuse(Refusal(page, kind, "lass"), rip)
@@ -328,21 +365,6 @@ class CaseRun:
         entry.paddr = result.frame
         entry.perms = self._grant(result, paging_kind, mmu, page, rip)
         self.frame_pages[result.frame] = page
-        self.granted[self._fill_key(page, kind, mmu)] = (result.frame, entry.perms)
-        return True
-
-    def _fill_key(self, page: int, kind: str, mmu: MmuState) -> tuple[int, ...]:
-        """What a fill's answer depends on (QEMU's MMU index is CPL, SMAP and AC)."""
-        return (page, KINDS.index(kind), mmu.rflags & RFLAGS_AC, self.cr0, self.cr3, self.cr4)
-
-    def _replay_fill(self, page: int, kind: str, entry: Any, first: CaseRun) -> bool:
-        """A re-run of the same case repeats its fills: answer them from the first run (the
-        walks and their A/D updates already happened there) and refuse where it refused."""
-        answer = first.granted.get(self._fill_key(page, kind, self.mmu()))
-        if answer is None:
-            self.refusal, self.stop = first.refusal, first.stop
-            return False
-        entry.paddr, entry.perms = answer
         return True
 
     def _refuse(self, refusal: Refusal, rip: int | None) -> bool:
@@ -383,7 +405,7 @@ class CaseRun:
             pieces = sorted(operand.pieces(PAGE_SIZE))
             for address, size in pieces:
                 piece_page = address & ~(PAGE_SIZE - 1)
-                if not is_canonical(piece_page):
+                if not is_canonical(piece_page, self.bits):
                     return Refusal(piece_page, operand.kind, "canonical")
                 if self.lass_active and self.ask_policy(address, size, operand.kind, mmu):
                     return Refusal(piece_page, operand.kind, "lass")
@@ -461,7 +483,7 @@ class CaseRun:
         for operand in memory_accesses(instruction, self.register, self.segment_base):
             for address, size in operand.pieces(PAGE_SIZE):
                 piece_page = address & ~(PAGE_SIZE - 1)
-                if not is_canonical(piece_page):
+                if not is_canonical(piece_page, self.bits):
                     return Refusal(piece_page, operand.kind, "canonical")
                 if self.lass_active and self.ask_policy(address, size, operand.kind, mmu):
                     return Refusal(piece_page, operand.kind, "lass")
@@ -474,13 +496,16 @@ class CaseRun:
     def check_block(self, address: int) -> Stop | None:
         """A block starts outside the pre-scanned code (a branch into a data page, or into the
         middle of an instruction). Decode it: plain instructions run (and join the decoded
-        set, for fault rebuilding); one that needs an intercept cannot be hooked any more."""
+        set, for fault rebuilding); one that needs an intercept cannot be hooked any more
+        (unless ``hooks_foreign_code``)."""
+        if self.hooks_foreign_code:
+            return None
         if address in self.scan.instructions or address in self.foreign:
             return None
-        data = self.peek(address, MAX_BLOCK_BYTES)
+        data = self._peek_code(address, MAX_BLOCK_BYTES)
         if data is None:
             return None  # the fetch itself will fault
-        for instruction in iced.Decoder(64, data, ip=address):
+        for instruction in iced.Decoder(64 if self.cs_l else 32, data, ip=address):
             if instruction.code == Code.INVALID:
                 break  # QEMU raises #UD there; later bytes are not this block
             if intercept_for(instruction) is not None:
@@ -491,28 +516,110 @@ class CaseRun:
                 break
         return None
 
-    def new_block(self, address: int) -> None:
-        """A translated block starts (REP iterations included): A/D changes logged before it
-        belong to instructions that completed and are no longer undoable."""
+    def new_block(self, address: int, size: int) -> int:
+        """A translated block of ``size`` bytes starts (REP iterations included): count its
+        instructions (returned) and make A/D changes logged before it final (their
+        instructions completed)."""
         self.bit_log.clear()
-        self.block_start = address
+        self.blocks_entered += 1
+        if self.last_block:  # it ran to its end (or to an intercept that cut it, _skip)
+            last = self.last_block[-1]
+            self.completed_ends[last] = self.completed_ends.get(last, 0) + 1
+        block = self._block(address, size)
+        if self.last_block and self.last_block[-1] == address and self._rep_exhausted(address):
+            # QEMU runs a REP string instruction as one block per iteration and, after the
+            # iteration that zeroes the counter, once more to find the counter zero. That
+            # last round is not an instruction (docs/machine.md counts iterations).
+            block = ()
+        self.entered += len(block)
+        self.last_block = block
+        return len(block)
 
-    def flags_may_be_stale(self, rip: int) -> bool:
-        """Whether a shim-refused fault at ``rip`` may report stale lazy flags: an instruction
-        of the same block before it modified flags (QEMU syncs them at block starts, and before
-        the helpers that raise its own exceptions; intercepts run in code hooks, where the
-        flags are exact)."""
-        if self.refusal is None or self.stop is not None or self.block_start is None:
-            return False
-        address = self.block_start
-        while address != rip:
-            instruction = self.instruction_at(address)
+    def _block(self, address: int, size: int) -> tuple[int, ...]:
+        """The instruction addresses of the block at ``address`` (blocks are straight-line)."""
+        key = (address, size)
+        block = self.blocks.get(key)
+        if block is not None:
+            return block
+        addresses: list[int] = []
+        current = address
+        while (current - address) & MASK64 < size and len(addresses) < _MAX_BLOCK_INSTRUCTIONS:
+            instruction = self.instruction_at(current) or self._decode_foreign(current)
             if instruction is None:
-                return True  # left the straight line: be safe
-            if instruction.rflags_modified:
-                return True
-            address = instruction.next_ip
-        return False
+                break
+            addresses.append(current)
+            current = instruction.next_ip & MASK64
+        block = self.blocks[key] = tuple(addresses)
+        return block
+
+    def _peek_code(self, address: int, size: int) -> bytes | None:
+        """Up to ``size`` fetchable bytes at ``address``: all of them, or those up to the end
+        of its page (a supervisor-only or SMAP-protected page may be executable but not
+        readable, and the next page need not be executable)."""
+        in_page = PAGE_SIZE - address % PAGE_SIZE
+        data = self.peek(address, size, "fetch")
+        return data if data is not None or in_page >= size else self.peek(address, in_page, "fetch")
+
+    def _decode_foreign(self, address: int) -> iced.Instruction | None:
+        data = self._peek_code(address, MAX_INSTRUCTION_BYTES)
+        if data is None:
+            return None
+        instruction = iced.Decoder(64 if self.cs_l else 32, data, ip=address).decode()
+        if instruction.code == Code.INVALID:
+            return None
+        self.foreign[address] = instruction
+        return instruction
+
+    def _rep_exhausted(self, address: int) -> bool:
+        instruction = self.instruction_at(address)
+        if instruction is None:
+            return False
+        mask = _rep_counter_mask(instruction)
+        return mask is not None and not self.uc.reg_read(UC_X86_REG_RCX) & mask
+
+    def flags_clobbered(self, rip: int) -> bool:
+        """Whether QEMU's RFLAGS at a fault the shim raised (a refused fill) at ``rip`` may be
+        wrong, with no code hook there to supply them (:meth:`rflags_at_fault`).
+
+        QEMU translates an instruction that reads flags (SETcc m, ADC/SBB m, RCL m, ...) by
+        first materialising the lazy flags into CC_SRC; when its memory access then faults,
+        QEMU restores the CC_OP recorded at the instruction's start over the new CC_SRC
+        (``restore_state_to_opc``): measured ``add rax, rax; seto [unmapped]`` reports 0x57
+        for 0x847. The shim raised the fault, so it owes the exact value.
+        """
+        if self.refusal is None or self.refusal.kind == "fetch" or self.stop is not None:
+            return False
+        if self.flags_at_hook is not None and self.flags_at_hook[0] == rip:
+            return False
+        instruction = self.instruction_at(rip)
+        # Only a memory destination is accessed after the flags are materialised (a memory
+        # source is read first). PUSHF and REP string instructions keep the lazy state
+        # intact, and a code hook on them would itself corrupt it (rflags_at_fault).
+        return (
+            instruction is not None
+            and bool(instruction.rflags_read & _STATUS_FLAGS)
+            and instruction.op_count > 0
+            and instruction.op0_kind == OpKind.MEMORY
+        )
+
+    def last_branch(self) -> tuple[int, int] | None:
+        """The control transfer that ended the last block, which ran to its end, and how
+        many times it has run: where a fetch fault at its target came from."""
+        if not self.last_block:
+            return None
+        address = self.last_block[-1]
+        instruction = self.instruction_at(address)
+        if instruction is None or instruction.flow_control == FlowControl.NEXT:
+            return None
+        return address, self.completed_ends.get(address, 0) + 1
+
+    def executed(self, rip: int | None) -> int:
+        """Instructions executed when the run stopped at ``rip``: the last block ran up to
+        the instruction at ``rip`` (or entirely, when ``rip`` is outside it)."""
+        block = self.last_block
+        if rip in block:
+            return self.entered - (len(block) - block.index(rip))
+        return self.entered
 
     def _grant(self, result: Walk, kind: str, mmu: MmuState, page: int, rip: int | None) -> int:
         """Set A/D for the allowed access and return the permissions safe to cache: every kind
@@ -545,17 +652,21 @@ class CaseRun:
     def lass_active(self) -> bool:
         return self.shim and bool(self.efer & EFER_LMA) and bool(self.cr4 & CR4_LASS)
 
-    def ask_policy(self, address: int, size: int, kind: str, mmu: MmuState) -> bool:
+    def ask_policy(
+        self, address: int, size: int, kind: str, mmu: MmuState, *, implicit: bool = False
+    ) -> bool:
         access = PolicyAccess(
             address=address,
             size=size,
             kind=kind,
-            implicit=False,
+            implicit=implicit,
             cpl=mmu.cpl,
             cr4=mmu.cr4,
             rflags=mmu.rflags,
             efer=mmu.efer,
-            cs_l=True,
+            # Implicit accesses use 64-bit linear addresses (GDTR/IDTR/TR bases) even in
+            # compatibility mode: bit 63 counts for them.
+            cs_l=self.cs_l or implicit,
         )
         try:
             return bool(self.policy(access))
@@ -564,8 +675,7 @@ class CaseRun:
 
     def _read_entry(self, address: int) -> int:
         frame = address & ~(PAGE_SIZE - 1)
-        offset = address - frame
-        return int.from_bytes(self.tables[frame][offset : offset + 8], "little")
+        return int(_ENTRY.unpack_from(self.tables[frame], address - frame)[0])
 
     def _frame_known(self, frame: int) -> bool:
         return frame in self.image.frames
@@ -582,7 +692,7 @@ class CaseRun:
 
     def _write_entry(self, address: int, entry: int) -> None:
         frame = address & ~(PAGE_SIZE - 1)
-        self.tables[frame][address - frame : address - frame + 8] = entry.to_bytes(8, "little")
+        _ENTRY.pack_into(self.tables[frame], address - frame, entry)
 
     def _undo_bits(self, rip: int) -> None:
         """Restore the entries the current execution of the instruction at ``rip`` changed."""
@@ -601,6 +711,8 @@ class CaseRun:
         """
         kind = self.scan.intercepts[address]
         size = self.scan.instructions[address].len
+        # A fault QEMU raises inside a hooked instruction leaves stale RFLAGS (rflags_at_fault).
+        self.flags_at_hook = (address, self.uc.reg_read(UC_X86_REG_EFLAGS))
         if kind is Intercept.UNSUPPORTED or (
             kind is Intercept.PRIVILEGED_UNSUPPORTED and self.cpl == 0
         ):
@@ -627,10 +739,15 @@ class CaseRun:
     def _mov_cr(self, address: int, size: int) -> None:
         instruction = self.scan.instructions[address]
         target = instruction.op0_register
-        value = self.uc.reg_read(GPR_IDS[instruction.op1_register])
+        value = self.uc.reg_read(GPR_IDS[RegisterExt.full_register(instruction.op1_register)])
+        if not self.cs_l:
+            value &= 0xFFFF_FFFF  # MOV CRn, r32 (compatibility mode) zero-extends
         if target == Register.CR4:
             supported = SUPPORTED_CR4 | (CR4_LASS if self.case.state.lass_supported else 0)
-            if value & ~supported or not value & CR4_PAE:
+            if (value ^ self.cr4) & CR4_LA57:
+                self._gp(address, f"MOV CR4, {value:#x} changes LA57")
+                return
+            if value & ~(supported | CR4_LA57) or not value & CR4_PAE:
                 self._gp(address, f"MOV CR4, {value:#x}: reserved or unsupported bit, or PAE clear")
                 return
             self.cr4 = value
@@ -655,7 +772,7 @@ class CaseRun:
             self.cr3 = value
         self.uc.reg_write(_CR_IDS[target], value)
         self.flush_tlb()
-        self.uc.reg_write(UC_X86_REG_RIP, (address + size) & MASK64)
+        self._skip(address, size)
 
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -682,11 +799,22 @@ class CaseRun:
         if fault is not None:
             self._end(fault)
         else:
-            self.uc.reg_write(UC_X86_REG_RIP, (address + size) & MASK64)
+            self._skip(address, size)
+
+    def _skip(self, address: int, size: int) -> None:
+        """Resume after the intercepted instruction at ``address`` (done by the shim). Writing
+        RIP in a hook makes Unicorn restart in a new block, so the rest of the current block,
+        counted when it was entered, does not run."""
+        block = self.last_block
+        if address in block:
+            done = block.index(address) + 1
+            self.entered -= len(block) - done
+            self.last_block = block[:done]
+        self.uc.reg_write(UC_X86_REG_RIP, (address + size) & MASK64)
 
     def _check_data(self, operand: OperandAccess, page: int, rip: int) -> Stop | None:
         """Canonical, LASS, paging for one data access done by the shim itself."""
-        if not is_canonical(page):
+        if not is_canonical(page, self.bits):
             return self.fault_for(Refusal(page, operand.kind, "canonical"), operand, rip)
         mmu = self.mmu()
         if self.lass_active and self.ask_policy(operand.address, operand.size, operand.kind, mmu):
@@ -708,13 +836,14 @@ class CaseRun:
         if value is not None and int.from_bytes(value, "little") & RFLAGS_TF:
             self._end(Stop(Status.UNSUPPORTED, detail=f"POPF setting TF at {address:#x}"))
 
-    def peek(self, address: int, size: int) -> bytes | None:
-        """Read linear memory without side effects (no A/D bits); None if not readable."""
+    def peek(self, address: int, size: int, kind: str = "read") -> bytes | None:
+        """Read linear memory without side effects (no A/D bits); None unless paging allows
+        ``kind`` ("read", or "fetch" for code) on every byte."""
         data = b""
         while len(data) < size:
             linear = (address + len(data)) & MASK64
             page = linear & ~(PAGE_SIZE - 1)
-            if not is_canonical(page):
+            if not is_canonical(page, self.bits):
                 return None
             mmu = MmuState(
                 self.cpl, self.cr0, self.cr4, self.uc.reg_read(UC_X86_REG_EFLAGS), self.efer
@@ -723,7 +852,7 @@ class CaseRun:
                 result = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
             except WalkUnsupported:
                 return None
-            if not result.allows("read"):
+            if not result.allows(kind):
                 return None
             chunk = min(size - len(data), page + PAGE_SIZE - linear)
             data += bytes(self.uc.mem_read(result.frame + linear - page, chunk))
@@ -758,7 +887,7 @@ class CaseRun:
             instruction.is_call_near or instruction.is_call_near_indirect
         ):
             target = self._call_target(instruction, operands)
-            if target is not None and not is_canonical(target):
+            if target is not None and not is_canonical(target, self.bits):
                 # The target is checked before the push (SDM CALL); QEMU pushes first.
                 self._undo_bits(rip)
                 fault = Fault(VEC_GP, 0, rip, access="fetch", address=target)
@@ -808,11 +937,6 @@ class CaseRun:
 
     # ----------------------------------------------------------------------------- trace
 
-    def on_instruction(self) -> None:
-        """Trace mode: an instruction (or REP iteration) starts; earlier entries are final."""
-        assert self.trace is not None
-        self.instruction_trace_start = len(self.trace)
-
     def on_memory(self, access: int, physical: int, size: int, value: int) -> None:
         """Trace mode: a data access by physical address, mapped back to its linear page."""
         assert self.trace is not None
@@ -821,22 +945,73 @@ class CaseRun:
         if page is None:
             return
         kind = "write" if access == UC_MEM_WRITE else "read"
-        if kind == "read":
+        linear = page + physical - frame
+        if kind == "read" and physical - frame + size > PAGE_SIZE:
+            # Unicorn hooks a page-crossing read once, at the physical address of its first
+            # byte; the rest lies in another frame (measured with a read wrapping past 2**64).
+            data = self.peek(linear, size)
+            value = 0 if data is None else int.from_bytes(data, "little")
+        elif kind == "read":
             value = int.from_bytes(self.uc.mem_read(physical, size), "little")
-        self.trace.append(
-            Access(kind, page + physical - frame, size, value & ((1 << (8 * size)) - 1))
-        )
+        self.trace.append(Access(kind, linear, size, value & ((1 << (8 * size)) - 1)))
+        # Unicorn restores RIP (and CC_OP) before calling memory hooks (measured exact).
+        rip = self.uc.reg_read(UC_X86_REG_RIP)
+        self._repair_restored_flags(rip)
+        self.trace_origins.append((rip, self.blocks_entered))
+
+    def _repair_restored_flags(self, rip: int) -> None:
+        """Undo what Unicorn's state restore before a TLB fill or memory hook does to the lazy
+        flags of a hooked PUSHF or REP string instruction at ``rip``.
+
+        The restore puts back the CC_OP recorded at the instruction's start. After a code
+        hook QEMU holds the flags materialised (CC_OP = EFLAGS, CC_SRC = flags), and these two
+        instructions store that CC_OP before their memory access: the restore replaces it
+        with the older CC_OP, which nothing stores again, so the flags stay wrong for the
+        rest of the run (measured: ``cmp rax, -0x4f; pushfq`` under code hooks ends with CF
+        lost). The flags read in the hook are what the translated code expects.
+        """
+        hooked = self.flags_at_hook
+        if hooked is None or hooked[0] != rip:
+            return
+        instruction = self.instruction_at(rip)
+        if instruction is not None and (
+            instruction.mnemonic in _PUSHF or _rep_counter_mask(instruction) is not None
+        ):
+            self.uc.reg_write(UC_X86_REG_EFLAGS, hooked[1])
 
     def rflags_at_fault(self, rip: int, rflags: int) -> int:
-        """RFLAGS to report for a fault at ``rip``: the intercepted value if one was taken."""
-        if self.flags_before is not None and self.flags_before[0] == rip:
-            return self.flags_before[1]
+        """RFLAGS to report for a fault at ``rip``, given Unicorn's final ``rflags``.
+
+        QEMU computes the status flags lazily (CC_OP says how to derive them from CC_SRC and
+        CC_DST) and records, per instruction, the CC_OP to restore when a fault aborts it
+        mid-block (``restore_state_to_opc``); Unicorn also restores that state before every
+        TLB fill and memory hook. A Unicorn code hook breaks the record for the hooked
+        instruction: after the hook it materialises the flags (CC_SRC = flags, CC_OP =
+        EFLAGS) but the recorded CC_OP stays the one from before, so a fault inside the
+        instruction restores an old CC_OP over the new CC_SRC (measured: ``add rax, rax``
+        then a faulting load under a code hook reports 0x57 for 0x847). The machine
+        therefore hooks as few instructions as it can (no ``count``, no per-instruction
+        trace hook); for a hooked one, the flags read in its hook are the ones to report.
+        """
+        if self.flags_at_hook is not None and self.flags_at_hook[0] == rip:
+            return self.flags_at_hook[1]
         return rflags
 
-    def final_trace(self, *, faulted: bool) -> tuple[Access, ...] | None:
+    def final_trace(self, fault_rip: int | None) -> tuple[Access, ...] | None:
+        """The access trace of the run; a fault at ``fault_rip`` drops the accesses of the
+        faulting instruction: the trailing entries made at ``fault_rip`` in the last block
+        (for REP, the faulting iteration). A fetch fault at a branch target made no access
+        there, so the branch's accesses stay (docs/machine.md).
+
+        Instruction boundaries come from RIP in the memory hooks, not from a code hook on
+        every instruction: code hooks corrupt QEMU's lazy flags (:meth:`rflags_at_fault`).
+        """
         if self.trace is None:
             return None
-        return tuple(self.trace[: self.instruction_trace_start] if faulted else self.trace)
+        end = len(self.trace)
+        while end and self.trace_origins[end - 1] == (fault_rip, self.blocks_entered):
+            end -= 1
+        return tuple(self.trace[:end])
 
     # ----------------------------------------------------------------------------- CPUID
 
@@ -853,6 +1028,17 @@ class CaseRun:
 
 class PolicyFailure(Exception):
     """The policy raised: the run ends with Status.ERROR naming the policy and the exception."""
+
+
+def _rep_counter_mask(instruction: iced.Instruction) -> int | None:
+    """The counter mask of a REP/REPE/REPNE string instruction (RCX or, with an 0x67
+    prefix, ECX), or None for any other instruction."""
+    if not instruction.is_string_instruction or not (
+        instruction.has_rep_prefix or instruction.has_repne_prefix
+    ):
+        return None
+    kinds = {instruction.op_kind(index) for index in range(instruction.op_count)}
+    return 0xFFFF_FFFF if kinds & _ADDRESS32_STRING_OPERANDS else MASK64
 
 
 def _pages_spanned(address: int, size: int) -> frozenset[int]:

@@ -40,6 +40,15 @@ DEFAULT_GROUP_WEIGHTS: Final[Mapping[str, int]] = {
     "cpuid": 1,
     "hlt": 5,
     "ud2": 3,
+    # System groups: only drawn for cases with descriptor tables (State.system).
+    "sreg": 6,
+    "lar": 4,
+    "sdt": 2,
+    "ldt": 2,
+    "int": 3,
+    "iret": 3,
+    "syscall": 3,
+    "far": 3,
 }
 GROUPS: Final = tuple(DEFAULT_GROUP_WEIGHTS)
 
@@ -72,6 +81,21 @@ class GeneratorConfig:
     p_df: float = 0.2
     #: CR0.WP cleared initially.
     p_wp_clear: float = 0.1
+    #: A supervisor case runs at CPL1 or CPL2 rather than CPL0 (supervisor for LASS too).
+    p_cpl12: float = 0.15
+    #: IA-32e compatibility mode (32-bit code below 4 GiB; LASS sees bit 63 = 0).
+    p_compat: float = 0.1
+    #: 5-level paging (CR4.LA57): the canonical boundaries move, LASS does not.
+    p_la57: float = 0.1
+    #: Descriptor tables (State.system): events go through the IDT, segment loads read the GDT.
+    p_system: float = 0.35
+    #: Descriptor tables or kernel stacks in the user half (one of them, or all).
+    p_table_user_half: float = 0.4
+    #: Tables with an unusual descriptor (A bit clear, not present, other DPL, gate DPL 0, IST,
+    #: available TSS).
+    p_unusual_descriptor: float = 0.3
+    #: SFMASK clears RFLAGS.AC on SYSCALL.
+    p_sfmask_ac: float = 0.5
     #: Code placed in the half where its fetch violates LASS (user half at CPL0 and vice versa).
     p_code_other_half: float = 0.05
     #: Stack page in the half whose accesses violate LASS at the case's CPL.
@@ -81,6 +105,9 @@ class GeneratorConfig:
     #: Per memory operand: aim inside a page the CPL can access without any fault (paging or
     #: LASS), so that cases run several instructions before the interesting access.
     p_safe_access: float = 0.75
+    #: Per memory operand of 2 bytes or more: aim at the last bytes below 2^64, so that the
+    #: access wraps into page 0 (LASS.md section 8; the matrix's "wrap" cells).
+    p_wrap_access: float = 0.02
     #: Per memory operand: an explicit segment override (SS:, FS: or GS:).
     p_segment_override: float = 0.15
     #: Per memory operand: an R11-based index register.

@@ -10,11 +10,15 @@ Two invariants are kept by construction rather than checked afterwards:
   fixes (see :mod:`lassfuzz.generator.layout`) and aim at data pages only.
 - *No undefined flag is read*: the builder tracks which status flags may be undefined on some
   path (BT*, logic ops, MOV CR leave some undefined) and puts a ``cmp`` before any reader.
+
+Compatibility-mode cases get 32-bit code from the same builders: :class:`CodeBuilder` knows its
+bitness, and the builders ask it for operand sizes, registers and the 32- or 64-bit form of stack
+and branch instructions (``b.bits``), so one builder serves both modes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
 
@@ -88,17 +92,31 @@ class CodeAddress:
 
 Op = Fixed | Branch | CodeAddress
 
-_NEAR_SIZES: Final[dict[CodeValue, int]] = {Code.JMP_REL32_64: 5, Code.CALL_REL32_64: 5}
-_MOV_IMM64_SIZE: Final = 10
+_NEAR_SIZES: Final[dict[CodeValue, int]] = {
+    Code.JMP_REL32_64: 5,
+    Code.CALL_REL32_64: 5,
+    Code.JMP_REL32_32: 5,
+    Code.CALL_REL32_32: 5,
+}
+#: ``mov r64, imm64`` / ``mov r32, imm32`` by bitness.
+_MOV_IMM_SIZE: Final = {64: 10, 32: 5}
 
 
 def _branch_size(code: CodeValue) -> int:
     return _NEAR_SIZES.get(code, 6)  # Jcc rel32 is 0F 8x + rel32
 
 
-def assemble(groups: Sequence[Sequence[Op]], address: int) -> bytes:
-    """Encode ``groups`` at ``address``: two passes, so branch forms and targets are exact."""
-    encoder = Encoder(64)
+def load_immediate(register: RegisterValue, value: int, bits: int) -> Instruction:
+    """``mov register, value`` at full width: imm64 in 64-bit code, imm32 in 32-bit code."""
+    if bits == 32:
+        return Instruction.create_reg_u32(Code.MOV_R32_IMM32, sized(register, 32), value)
+    return Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, value)
+
+
+def assemble(groups: Sequence[Sequence[Op]], address: int, bits: int = 64) -> bytes:
+    """Encode ``groups`` at ``address`` for ``bits``-bit code: two passes, so branch forms and
+    targets are exact."""
+    encoder = Encoder(bits)
     flat = [(index, op) for index, group in enumerate(groups) for op in group]
     fixed: dict[int, bytes] = {}
     upper: list[int] = []  # a size no encoding of the op exceeds
@@ -110,7 +128,7 @@ def assemble(groups: Sequence[Sequence[Op]], address: int) -> bytes:
         elif isinstance(op, Branch):
             upper.append(_branch_size(op.near))
         else:
-            upper.append(_MOV_IMM64_SIZE)
+            upper.append(_MOV_IMM_SIZE[bits])
     group_start = [0] * (len(groups) + 1)  # first flat position of each group (and the end)
     position = 0
     for index, group in enumerate(groups):
@@ -147,19 +165,18 @@ def assemble(groups: Sequence[Sequence[Op]], address: int) -> bytes:
             code = op.short if position in short and op.short is not None else op.near
             instruction = Instruction.create_branch(code, target_address(op.target))
         else:
-            instruction = Instruction.create_reg_u64(
-                Code.MOV_R64_IMM64, op.register, target_address(op.target)
-            )
+            instruction = load_immediate(op.register, target_address(op.target), bits)
         encoder.encode(instruction, ip)
         out += encoder.take_buffer()
     return bytes(out)
 
 
-def landing_pad(code_end: int) -> bytes:
-    """Code for a landing page: ``mov rax, code_end; jmp rax`` ends the case normally."""
-    encoder = Encoder(64)
-    encoder.encode(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RAX, code_end), 0)
-    encoder.encode(Instruction.create_reg(Code.JMP_RM64, Register.RAX), 0)
+def landing_pad(code_end: int, bits: int = 64) -> bytes:
+    """Code for a landing page: ``mov rax, code_end; jmp rax`` ends the case normally (the
+    32-bit form for compatibility-mode cases)."""
+    encoder = Encoder(bits)
+    encoder.encode(load_immediate(Register.RAX, code_end, bits), 0)
+    encoder.encode(Instruction.create_reg(_code(f"JMP_RM{bits}"), sized(Register.RAX, bits)), 0)
     return encoder.take_buffer()
 
 
@@ -186,11 +203,21 @@ _SIZED: Final[dict[tuple[RegisterValue, int], RegisterValue]] = {
 }
 #: Registers that may be read as data (anything but RSP, which would make pushes odd).
 READABLE: Final = (*SCRATCH_REGISTERS, *HOME_REGISTERS, *STRING_REGISTERS, INDEX_REGISTER)
+#: 32-bit code has no R8-R15: scratch and readable registers among the legacy eight.
+SCRATCH_32: Final = (Register.RAX, Register.RCX, Register.RDX, Register.RBX)
+READABLE_32: Final = (*SCRATCH_32, *STRING_REGISTERS)
+_FRAME_POINTERS: Final = (Register.RBP, Register.EBP)
+
+
+#: Any view of a GPR -> its 64-bit register.
+_FULL: Final[dict[RegisterValue, RegisterValue]] = {
+    view: register for (register, _), view in _SIZED.items()
+}
 
 
 def sized(register: RegisterValue, size: int) -> RegisterValue:
-    """The ``size``-bit view of a 64-bit GPR."""
-    return _SIZED[(register, size)]
+    """The ``size``-bit view of a GPR (given in any width)."""
+    return _SIZED[(_FULL[register], size)]
 
 
 def _code(name: str) -> CodeValue:
@@ -270,7 +297,15 @@ class CodeBuilder:
     def __init__(self, chooser: Chooser, config: GeneratorConfig, setup: Setup) -> None:
         self.chooser = chooser
         self.config = config
+        self.setup = setup
         self.layout = setup.layout
+        #: 32 for compatibility-mode code: also the stack and branch operand size.
+        self.bits = 32 if setup.control.mode == "compat" else 64
+        self.sizes = SIZES if self.bits == 64 else SIZES[:3]
+        self.scratch_registers = SCRATCH_REGISTERS if self.bits == 64 else SCRATCH_32
+        self.readable_registers = READABLE if self.bits == 64 else READABLE_32
+        #: Linear addresses wrap at 2^64, or at 2^32 in compatibility mode.
+        self.mask = MASK64 if self.bits == 64 else 0xFFFF_FFFF
         self.groups: list[list[Op]] = []
         #: Status flags that may be undefined here on some path.
         self.undefined = 0
@@ -278,12 +313,17 @@ class CodeBuilder:
         self.incoming: dict[GroupIndex, int] = {}
         #: After LEAVE, RBP holds whatever was on the stack: never an address base again.
         self.rbp_trusted = True
+        #: SYSCALL and SYSRET write R11: no index register afterwards.
+        self.index_trusted = self.bits == 64
+        #: Segment overrides still at their initial base (loading FS or GS changes the base).
+        self.overrides: tuple[RegisterValue, ...] = _SEGMENT_OVERRIDES
         #: Address bases and their (fixed) values; Register.NONE is an absolute disp32.
+        homes = HOME_REGISTERS if self.bits == 64 else ()
         self.bases: tuple[tuple[RegisterValue, int], ...] = (
             (Register.NONE, 0),
             *(
-                (register, self.layout.value(register))
-                for register in (*HOME_REGISTERS, *STRING_REGISTERS, Register.RBP, Register.RSP)
+                (sized(register, self.bits), self.layout.value(register))
+                for register in (*homes, *STRING_REGISTERS, Register.RBP, Register.RSP)
             ),
         )
         self.index_value = self.layout.value(INDEX_REGISTER)
@@ -296,31 +336,46 @@ class CodeBuilder:
 
     # -- driving ---------------------------------------------------------------------------------
 
-    def build(self, count: int, body: Weighted[str], last: Weighted[str]) -> list[list[Op]]:
-        """Emit groups totalling exactly ``count`` instructions; ``last`` picks the final one."""
+    def build(
+        self,
+        count: int,
+        body: Weighted[str],
+        last: Weighted[str],
+        builders: Mapping[str, GroupBuilder] | None = None,
+    ) -> list[list[Op]]:
+        """Emit groups totalling exactly ``count`` instructions; ``last`` picks the final one.
+        ``builders`` maps group names to builders (default :data:`BUILDERS`)."""
+        table = BUILDERS if builders is None else builders
         emitted = 0
         while emitted < count:
             room = count - emitted
             index = len(self.groups)
             self.undefined |= self.incoming.pop(index, 0)
-            kind = self.chooser.weighted(last if room == 1 else body)
-            group = BUILDERS[kind](self, room) or self._fallback()
+            if self.setup.system is not None and self.undefined and room >= 2:
+                # With an IDT every fault pushes RFLAGS (and SYSCALL saves it in R11): define
+                # the status flags again at once, or the reference model cannot run the case.
+                group = self.define_flags(RFLAGS_STATUS, room) or self._fallback()
+            else:
+                kind = self.chooser.weighted(last if room == 1 else body)
+                group = table[kind](self, room) or self._fallback()
             self.groups.append(group)
             emitted += len(group)
         return self.groups
 
     def _fallback(self) -> list[Op]:
         """The simplest instruction: used when a group does not fit the remaining room."""
-        register = self.scratch(64)
-        return [Fixed(Instruction.create_reg_i32(Code.MOV_R32_IMM32, sized(register, 32), 0))]
+        register = self.scratch(32)
+        return [Fixed(Instruction.create_reg_i32(Code.MOV_R32_IMM32, register, 0))]
 
     # -- registers, immediates, flags ------------------------------------------------------------
 
     def scratch(self, size: int) -> RegisterValue:
-        return sized(self.chooser.choice(SCRATCH_REGISTERS), size)
+        return sized(self.chooser.choice(self.scratch_registers), size)
 
     def readable(self, size: int) -> RegisterValue:
-        return sized(self.chooser.choice(READABLE), size)
+        # 32-bit code has no SIL/DIL: its byte registers are the scratch ones.
+        registers = self.scratch_registers if size == 8 and self.bits == 32 else None
+        return sized(self.chooser.choice(registers or self.readable_registers), size)
 
     def immediate(self, size: int) -> int:
         """A signed immediate that fits ``size`` bits (at most 32: imm32 is sign-extended)."""
@@ -341,8 +396,10 @@ class CodeBuilder:
             return []
         if room < 2:
             return None
-        register = self.readable(64)
-        cmp = Instruction.create_reg_i32(Code.CMP_RM64_IMM8, register, self.immediate(8))
+        register = self.readable(self.bits)
+        cmp = Instruction.create_reg_i32(
+            _code(f"CMP_RM{self.bits}_IMM8"), register, self.immediate(8)
+        )
         self.flags(RFLAGS_STATUS)
         return [Fixed(cmp)]
 
@@ -357,6 +414,9 @@ class CodeBuilder:
     def address(self, size: int, *, aligned: bool = False) -> int:
         """A linear address near a target page, biased to page ends and the 2^64 wrap;
         ``aligned`` rounds it down to a multiple of ``size``."""
+        if size > 1 and not aligned and self.chooser.boolean(self.config.p_wrap_access):
+            # Straddle 2^64: an absolute disp32 reaches it (sign-extended) from any segment base 0.
+            return (-self.chooser.integer(1, size - 1)) & MASK64
         safe = self.layout.safe_targets
         if safe and self.chooser.boolean(self.config.p_safe_access):
             page = self.chooser.choice(safe)
@@ -380,32 +440,40 @@ class CodeBuilder:
             offset -= offset % size
         return (page + offset) & MASK64
 
+    def operand_at(self, address: int) -> MemoryOperand | None:
+        """A memory operand (no segment override, no index) whose effective address is exactly
+        ``address``, or None when no base register reaches it."""
+        return self._operand(address, Register.NONE, 0)
+
     def memory(self, size: int, *, aligned: bool = False) -> MemoryOperand:
         """A memory operand whose effective address is an :meth:`address`, by construction."""
         target = self.address(size, aligned=aligned)
         segment = Register.NONE
-        if self.chooser.boolean(self.config.p_segment_override):
-            segment = self.chooser.choice(_SEGMENT_OVERRIDES)
+        if self.chooser.boolean(self.config.p_segment_override) and self.overrides:
+            segment = self.chooser.choice(self.overrides)
         scale = 0
-        if self.chooser.boolean(self.config.p_index):
+        if self.chooser.boolean(self.config.p_index) and self.index_trusted:
             scale = self.chooser.choice((1, 2, 4, 8))
         operand = self._operand(target, segment, scale)
         if operand is None:  # no base reaches it with that segment/index: drop them
             operand = self._operand(target, Register.NONE, 0)
         if operand is None:  # the target is out of reach: aim at the stack instead
-            operand = MemoryOperand(
-                Register.RSP, displ=8 * self.chooser.integer(0, 8), displ_size=1
-            )
+            stack = sized(Register.RSP, self.bits)
+            operand = MemoryOperand(stack, displ=8 * self.chooser.integer(0, 8), displ_size=1)
         return operand
 
     def _operand(self, target: int, segment: RegisterValue, scale: int) -> MemoryOperand | None:
+        if self.bits == 32:
+            return self._operand32(target, segment)
         origin = self.segment_bases[segment] + (self.index_value * scale if scale else 0)
         # Bias by 2^63 so that "fits in a signed 32-bit displacement" is one range check.
         biased = target - origin + _BIAS
         reachable: list[tuple[RegisterValue, int]] = []
         for register, value in self.bases:
             distance = (biased - value) & MASK64
-            if _DISP_LO <= distance < _DISP_HI and (register != Register.RBP or self.rbp_trusted):
+            if _DISP_LO <= distance < _DISP_HI and (
+                register not in _FRAME_POINTERS or self.rbp_trusted
+            ):
                 reachable.append((register, distance - _BIAS))
         if not reachable:
             return None
@@ -420,6 +488,22 @@ class CodeBuilder:
             False,
             segment,
         )
+
+    def _operand32(self, target: int, segment: RegisterValue) -> MemoryOperand:
+        """32-bit addressing: every base reaches every target, modulo 2^32."""
+        usable = [
+            (register, value)
+            for register, value in self.bases
+            if register not in _FRAME_POINTERS or self.rbp_trusted
+        ]
+        base, value = self.chooser.choice(usable)
+        displacement = (target - self.segment_bases[segment] - value) & 0xFFFF_FFFF
+        if displacement >= 1 << 31:
+            displacement -= 1 << 32
+        size = 0 if displacement == 0 and base != Register.NONE else 1
+        if base == Register.NONE or not -128 <= displacement < 128:
+            size = 4
+        return MemoryOperand(base, Register.NONE, 1, displacement, size, False, segment)
 
 
 _BIAS: Final = 1 << 63
@@ -441,7 +525,7 @@ def _nop(b: CodeBuilder, room: int) -> list[Op]:
 
 
 def _mov(b: CodeBuilder, room: int) -> list[Op]:
-    size = b.chooser.choice(SIZES)
+    size = b.chooser.choice(b.sizes)
     form = b.chooser.integer(0, 4)
     if form == 0:
         return [Fixed(_reg_reg(f"MOV_R{size}_RM{size}", b.scratch(size), b.readable(size)))]
@@ -467,12 +551,13 @@ def _reg_reg(name: str, destination: RegisterValue, source: RegisterValue) -> In
 
 
 def _movx(b: CodeBuilder, room: int) -> list[Op]:
-    kind = b.chooser.choice(("MOVZX", "MOVSX", "MOVSXD"))
+    kind = b.chooser.choice(("MOVZX", "MOVSX", "MOVSXD") if b.bits == 64 else ("MOVZX", "MOVSX"))
     if kind == "MOVSXD":
         source_size, size = 32, 64
     else:
         source_size = b.chooser.choice((8, 16))
-        size = b.chooser.choice((16, 32, 64) if source_size == 8 else (32, 64))
+        sizes = (16, *b.sizes[2:]) if source_size == 8 else b.sizes[2:]
+        size = b.chooser.choice(sizes)
     code = _code(f"{kind}_R{size}_RM{source_size}")
     destination = b.scratch(size)
     if b.chooser.boolean(0.3):
@@ -482,7 +567,7 @@ def _movx(b: CodeBuilder, room: int) -> list[Op]:
 
 
 def _lea(b: CodeBuilder, room: int) -> list[Op]:
-    size = b.chooser.choice((64, 32, 16))
+    size = b.chooser.choice((64, 32, 16) if b.bits == 64 else (32, 16))
     code = _code(f"LEA_R{size}_M")
     return [Fixed(Instruction.create_reg_mem(code, b.scratch(size), b.memory(8)))]
 
@@ -492,7 +577,7 @@ def _alu(b: CodeBuilder, room: int) -> list[Op] | None:
     prefix = b.define_flags(reads, room)
     if prefix is None:
         return None
-    size = b.chooser.choice(SIZES)
+    size = b.chooser.choice(b.sizes)
     form = b.chooser.integer(0, 3)
     imm_name = f"{name}_RM{size}_IMM{min(size, 32)}"
     if form == 0:  # register destination, register source
@@ -523,7 +608,7 @@ def _maybe_lock(b: CodeBuilder, instruction: Instruction, allowed: bool = True) 
 
 def _unary(b: CodeBuilder, room: int) -> list[Op]:
     name, defined = b.chooser.choice(_UNARY)
-    size = b.chooser.choice(SIZES)
+    size = b.chooser.choice(b.sizes)
     code = _code(f"{name}_RM{size}")
     if b.chooser.boolean(0.3):
         instruction = Instruction.create_reg(code, b.scratch(size))
@@ -536,7 +621,7 @@ def _unary(b: CodeBuilder, room: int) -> list[Op]:
 
 def _xchg(b: CodeBuilder, room: int) -> list[Op]:
     name = b.chooser.choice(("XCHG", "XADD"))
-    size = b.chooser.choice(SIZES)
+    size = b.chooser.choice(b.sizes)
     code = _code(f"{name}_RM{size}_R{size}")
     if b.chooser.boolean(0.2):
         instruction = _reg_reg(f"{name}_RM{size}_R{size}", b.scratch(size), b.scratch(size))
@@ -549,9 +634,9 @@ def _xchg(b: CodeBuilder, room: int) -> list[Op]:
 
 
 def _cmpxchg(b: CodeBuilder, room: int) -> list[Op]:
-    kind = b.chooser.integer(0, 2)
+    kind = b.chooser.integer(0, 2 if b.bits == 64 else 1)  # no CMPXCHG16B in 32-bit code
     if kind == 0:
-        size = b.chooser.choice(SIZES)
+        size = b.chooser.choice(b.sizes)
         code = _code(f"CMPXCHG_RM{size}_R{size}")
         instruction = Instruction.create_mem_reg(code, b.memory(size // 8), b.readable(size))
         b.flags(RFLAGS_STATUS)
@@ -568,9 +653,9 @@ def _cmpxchg(b: CodeBuilder, room: int) -> list[Op]:
 
 def _bt(b: CodeBuilder, room: int) -> list[Op]:
     name = b.chooser.choice(("BT", "BTS", "BTR", "BTC"))
-    size = b.chooser.choice((16, 32, 64))
+    size = b.chooser.choice(b.sizes[1:])
     memory = b.memory(size // 8)
-    if b.chooser.boolean(0.3):  # the bit offset in R11 (small by construction) moves the access
+    if b.chooser.boolean(0.3) and b.index_trusted:  # R11's bit offset (small) moves the access
         code = _code(f"{name}_RM{size}_R{size}")
         instruction = Instruction.create_mem_reg(code, memory, sized(INDEX_REGISTER, size))
     else:
@@ -592,7 +677,7 @@ def _cmov(b: CodeBuilder, room: int) -> list[Op] | None:
     if picked is None:
         return None
     suffix, prefix = picked
-    size = b.chooser.choice((16, 32, 64))
+    size = b.chooser.choice(b.sizes[1:])
     code = _code(f"CMOV{suffix}_R{size}_RM{size}")
     if b.chooser.boolean(0.3):
         instruction = Instruction.create_reg_reg(code, b.scratch(size), b.readable(size))
@@ -616,20 +701,29 @@ def _setcc(b: CodeBuilder, room: int) -> list[Op] | None:
 
 def _push_pop(b: CodeBuilder, room: int) -> list[Op]:
     form = b.chooser.integer(0, 4)
+    word = b.bits
     if form == 0:
-        instruction = Instruction.create_reg(Code.PUSH_R64, b.readable(64))
+        instruction = Instruction.create_reg(_code(f"PUSH_R{word}"), b.readable(word))
     elif form == 1:
-        instruction = Instruction.create_reg(Code.POP_R64, b.scratch(64))
+        instruction = Instruction.create_reg(_code(f"POP_R{word}"), b.scratch(word))
     elif form == 2:
-        code = Code.PUSHQ_IMM8 if b.chooser.boolean(0.5) else Code.PUSHQ_IMM32
-        instruction = Instruction.create_i32(
-            code, b.immediate(8 if code == Code.PUSHQ_IMM8 else 32)
-        )
+        size = 8 if b.chooser.boolean(0.5) else 32
+        instruction = Instruction.create_i32(push_immediate(b, size), b.immediate(size))
     elif form == 3:
-        instruction = Instruction.create_mem(Code.PUSH_RM64, b.memory(8))
+        instruction = Instruction.create_mem(_code(f"PUSH_RM{word}"), b.memory(word // 8))
     else:  # the operand's address is computed after RSP is incremented
-        instruction = Instruction.create_mem(Code.POP_RM64, b.memory(8))
+        instruction = Instruction.create_mem(_code(f"POP_RM{word}"), b.memory(word // 8))
     return [Fixed(instruction)]
+
+
+def push_immediate(b: CodeBuilder, size: int) -> CodeValue:
+    """PUSH imm8/imm32 at the stack width (PUSHQ in 64-bit code, PUSHD in 32-bit code)."""
+    return _code(f"PUSH{'Q' if b.bits == 64 else 'D'}_IMM{size}")
+
+
+def _stack_width(b: CodeBuilder) -> str:
+    """The suffix of the stack-width form of PUSHF/POPF/ENTER/LEAVE/RET: Q or D."""
+    return "Q" if b.bits == 64 else "D"
 
 
 def _flags(b: CodeBuilder, room: int) -> list[Op] | None:
@@ -642,15 +736,16 @@ def _flags(b: CodeBuilder, room: int) -> list[Op] | None:
         value = RFLAGS_FIXED1 | b.chooser.choice(_RFLAGS_TOGGLES)
         b.flags(RFLAGS_STATUS)
         return [
-            Fixed(Instruction.create_i32(Code.PUSHQ_IMM32, value)),
-            Fixed(Instruction.create(Code.POPFQ)),
+            Fixed(Instruction.create_i32(push_immediate(b, 32), value)),
+            Fixed(Instruction.create(_code(f"POPF{_stack_width(b)}"))),
         ]
     if kind == 3 and room >= 2:  # read the flags into a register
         prefix = b.define_flags(RFLAGS_STATUS, room - 1)
         if prefix is None:
             return None
-        pop = Instruction.create_reg(Code.POP_R64, b.scratch(64))
-        return [*prefix, Fixed(Instruction.create(Code.PUSHFQ)), Fixed(pop)]
+        pop = Instruction.create_reg(_code(f"POP_R{b.bits}"), b.scratch(b.bits))
+        pushf = Instruction.create(_code(f"PUSHF{_stack_width(b)}"))
+        return [*prefix, Fixed(pushf), Fixed(pop)]
     if room < 3:
         return None
     # pushfq; or/and qword [rsp], bit; popfq: AC (or DF) toggled through memory.
@@ -658,32 +753,34 @@ def _flags(b: CodeBuilder, room: int) -> list[Op] | None:
     if prefix is None:
         return None
     bit = b.chooser.choice(_RFLAGS_TOGGLES)
-    stack = MemoryOperand(Register.RSP)
-    if b.chooser.boolean(0.5):
-        change = Instruction.create_mem_i32(Code.OR_RM64_IMM32, stack, bit)
-    else:
-        change = Instruction.create_mem_i32(Code.AND_RM64_IMM32, stack, ~bit)
+    stack = MemoryOperand(sized(Register.RSP, b.bits))
+    operation = "OR" if b.chooser.boolean(0.5) else "AND"
+    change = Instruction.create_mem_i32(
+        _code(f"{operation}_RM{b.bits}_IMM32"), stack, bit if operation == "OR" else ~bit
+    )
     b.flags(RFLAGS_STATUS)
+    width = _stack_width(b)
     return [
         *prefix,
-        Fixed(Instruction.create(Code.PUSHFQ)),
+        Fixed(Instruction.create(_code(f"PUSHF{width}"))),
         Fixed(change),
-        Fixed(Instruction.create(Code.POPFQ)),
+        Fixed(Instruction.create(_code(f"POPF{width}"))),
     ]
 
 
 def _enter_leave(b: CodeBuilder, room: int) -> list[Op]:
     if b.rbp_trusted and b.chooser.boolean(0.4):
         b.rbp_trusted = False  # RBP now comes from memory: see CodeBuilder.rbp_trusted
-        return [Fixed(Instruction.create(Code.LEAVEQ))]
+        return [Fixed(Instruction.create(_code(f"LEAVE{_stack_width(b)}")))]
     size = b.chooser.choice((0, 8, 0x20, 0x100))
     # Nesting level 0 only: the reference model does not model the frame-pointer copies.
-    return [Fixed(Instruction.create_u32_u32(Code.ENTERQ_IMM16_IMM8, size, 0))]
+    enter = _code(f"ENTER{_stack_width(b)}_IMM16_IMM8")
+    return [Fixed(Instruction.create_u32_u32(enter, size, 0))]
 
 
 def _string(b: CodeBuilder, room: int) -> list[Op]:
     op = b.chooser.choice(("STOS", "LODS", "MOVS", "SCAS", "CMPS"))
-    width = b.chooser.choice(_STRING_WIDTHS)
+    width = b.chooser.choice(_STRING_WIDTHS if b.bits == 64 else _STRING_WIDTHS[:3])
     repeated = room >= 2 and b.chooser.boolean(0.6)
     ops: list[Op] = []
     if repeated:
@@ -695,11 +792,15 @@ def _string(b: CodeBuilder, room: int) -> list[Op]:
         if op in ("SCAS", "CMPS"):
             rep = b.chooser.choice((RepPrefixKind.REPE, RepPrefixKind.REPNE))
     segment = Register.NONE
-    if op in ("LODS", "MOVS", "CMPS") and b.chooser.boolean(b.config.p_segment_override):
-        segment = b.chooser.choice(_SEGMENT_OVERRIDES)
+    if (
+        op in ("LODS", "MOVS", "CMPS")
+        and b.chooser.boolean(b.config.p_segment_override)
+        and b.overrides
+    ):
+        segment = b.chooser.choice(b.overrides)
     create = getattr(Instruction, f"create_{op.lower()}{width.lower()}")
     # STOS and SCAS only access ES:RDI, which cannot be overridden.
-    instruction = create(64, rep) if op in ("STOS", "SCAS") else create(64, segment, rep)
+    instruction = create(b.bits, rep) if op in ("STOS", "SCAS") else create(b.bits, segment, rep)
     if op in ("SCAS", "CMPS") and not repeated:
         b.flags(RFLAGS_STATUS)  # a REP form may run zero times and leave the flags alone
     ops.append(Fixed(instruction))
@@ -711,7 +812,7 @@ def _jcc(b: CodeBuilder, room: int) -> list[Op] | None:
     if picked is None:
         return None
     suffix, prefix = picked
-    short, near = _code(f"J{suffix}_REL8_64"), _code(f"J{suffix}_REL32_64")
+    short, near = _code(f"J{suffix}_REL8_{b.bits}"), _code(f"J{suffix}_REL32_{b.bits}")
     return [*prefix, Branch(short, near, b.forward())]
 
 
@@ -719,45 +820,51 @@ def _indirect(
     b: CodeBuilder, room: int, code_register: CodeValue, code_memory: CodeValue
 ) -> list[Op] | None:
     """``mov reg, target; jmp/call reg`` or through memory, to a later group or a far target."""
-    register = b.scratch(64)
-    if b.chooser.boolean(0.5):
-        load: Op = CodeAddress(register, b.forward())
-    else:
-        far = b.chooser.choice(b.layout.far_targets)
-        load = Fixed(Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, far))
+    word = b.bits
+    register = b.scratch(word)
+    load = target_load(b, register)
     if room >= 3 and b.chooser.boolean(0.4):
-        memory = b.memory(8)
-        store = Instruction.create_mem_reg(Code.MOV_RM64_R64, memory, register)
+        memory = b.memory(word // 8)
+        store = Instruction.create_mem_reg(_code(f"MOV_RM{word}_R{word}"), memory, register)
         return [load, Fixed(store), Fixed(Instruction.create_mem(code_memory, memory))]
     return [load, Fixed(Instruction.create_reg(code_register, register))]
 
 
+def target_load(b: CodeBuilder, register: RegisterValue) -> Op:
+    """``mov register, target``: a later group, or a far target outside the code."""
+    if b.chooser.boolean(0.5):
+        return CodeAddress(register, b.forward())
+    return Fixed(load_immediate(register, b.chooser.choice(b.layout.far_targets), b.bits))
+
+
 def _jmp(b: CodeBuilder, room: int) -> list[Op] | None:
+    near = _code(f"JMP_RM{b.bits}")
     if room >= 2 and b.chooser.boolean(0.5):
-        return _indirect(b, room, Code.JMP_RM64, Code.JMP_RM64)
-    return [Branch(Code.JMP_REL8_64, Code.JMP_REL32_64, b.forward())]
+        return _indirect(b, room, near, near)
+    return [Branch(_code(f"JMP_REL8_{b.bits}"), _code(f"JMP_REL32_{b.bits}"), b.forward())]
 
 
 def _call_ret(b: CodeBuilder, room: int) -> list[Op] | None:
     kind = b.chooser.integer(0, 2) if room >= 2 else 0
+    call = _code(f"CALL_RM{b.bits}")
     if kind == 0:
-        return [Branch(None, Code.CALL_REL32_64, b.forward())]
+        return [Branch(None, _code(f"CALL_REL32_{b.bits}"), b.forward())]
     if kind == 1:
-        return _indirect(b, room, Code.CALL_RM64, Code.CALL_RM64)
+        return _indirect(b, room, call, call)
     # Return to an address pushed just before, so a RET never goes backwards.
-    register = b.scratch(64)
-    if b.chooser.boolean(0.5):
-        load: Op = CodeAddress(register, b.forward())
-    else:
-        far = b.chooser.choice(b.layout.far_targets)
-        load = Fixed(Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, far))
+    register = b.scratch(b.bits)
+    load = target_load(b, register)
     if room >= 3:
+        width = _stack_width(b)
         if b.chooser.boolean(0.3):
-            ret = Instruction.create_i32(Code.RETNQ_IMM16, b.chooser.choice((8, 0x10, 0x100)))
+            ret = Instruction.create_i32(
+                _code(f"RETN{width}_IMM16"), b.chooser.choice((8, 0x10, 0x100))
+            )
         else:
-            ret = Instruction.create(Code.RETNQ)
-        return [load, Fixed(Instruction.create_reg(Code.PUSH_R64, register)), Fixed(ret)]
-    return [load, Fixed(Instruction.create_reg(Code.CALL_RM64, register))]
+            ret = Instruction.create(_code(f"RETN{width}"))
+        push = Instruction.create_reg(_code(f"PUSH_R{b.bits}"), register)
+        return [load, Fixed(push), Fixed(ret)]
+    return [load, Fixed(Instruction.create_reg(call, register))]
 
 
 def _prefetch(b: CodeBuilder, room: int) -> list[Op]:
@@ -775,23 +882,25 @@ def _invlpg(b: CodeBuilder, room: int) -> list[Op]:
 
 
 def _cr(b: CodeBuilder, room: int) -> list[Op]:
-    register = b.scratch(64)
+    bits = b.bits
+    register = b.scratch(bits)
+    read_cr, write_cr = _code(f"MOV_R{bits}_CR"), _code(f"MOV_CR_R{bits}")
     kind = b.chooser.integer(0, 3) if room >= 2 else 0
     b.flags(0, RFLAGS_STATUS)  # MOV to/from CR leaves the status flags undefined
     if kind == 0:
         control = b.chooser.choice((Register.CR4, Register.CR0, Register.CR3))
-        return [Fixed(Instruction.create_reg_reg(Code.MOV_R64_CR, register, control))]
+        return [Fixed(Instruction.create_reg_reg(read_cr, register, control))]
     if kind == 1 or room < 3:
-        read = Instruction.create_reg_reg(Code.MOV_R64_CR, register, Register.CR3)
-        write = Instruction.create_reg_reg(Code.MOV_CR_R64, Register.CR3, register)
+        read = Instruction.create_reg_reg(read_cr, register, Register.CR3)
+        write = Instruction.create_reg_reg(write_cr, Register.CR3, register)
         return [Fixed(read), Fixed(write)]
     control, mask = (
         (Register.CR0, CR0_WP) if kind == 2 else (Register.CR4, b.chooser.weighted(_CR4_TOGGLES))
     )
     return [
-        Fixed(Instruction.create_reg_reg(Code.MOV_R64_CR, register, control)),
-        Fixed(Instruction.create_reg_i32(Code.XOR_RM64_IMM32, register, mask)),
-        Fixed(Instruction.create_reg_reg(Code.MOV_CR_R64, control, register)),
+        Fixed(Instruction.create_reg_reg(read_cr, register, control)),
+        Fixed(Instruction.create_reg_i32(_code(f"XOR_RM{bits}_IMM32"), register, mask)),
+        Fixed(Instruction.create_reg_reg(write_cr, control, register)),
     ]
 
 
@@ -844,5 +953,5 @@ BUILDERS: Final[dict[str, GroupBuilder]] = {
 }
 #: Groups that end a case whatever happens next: only ever the last group.
 TERMINAL_GROUPS: Final = frozenset({"hlt", "ud2"})
-#: Groups that fault at CPL3 (MOV CR, INVLPG): rarer in user-mode cases.
-PRIVILEGED_GROUPS: Final = frozenset({"cr", "invlpg"})
+#: Groups that fault at CPL > 0 (MOV CR, INVLPG, LGDT...): rarer in such cases.
+PRIVILEGED_GROUPS: Final = frozenset({"cr", "invlpg", "ldt"})

@@ -11,11 +11,15 @@ Address registers are assigned by construction so that memory operands can aim a
 
 Code and landing pads live in regions megabytes away from every data page, so no generated
 store (even after bounded RSP/RSI/RDI drift) can modify code.
+
+The address space depends on the mode and the paging depth (:class:`Geometry`): with LA57 the
+canonical boundaries move to bit 56, in compatibility mode every address is below 4 GiB (and wraps
+there). Descriptor tables (:func:`draw_system`) live in table regions of their own, in either half.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
 from iced_x86 import Register
@@ -25,6 +29,7 @@ if TYPE_CHECKING:  # iced's stubs type codes and registers as enums; at run time
 
 from lassfuzz.arch import (
     CR0_WP,
+    CR4_LA57,
     CR4_LASS,
     CR4_OSFXSR,
     CR4_OSXMMEXCPT,
@@ -32,6 +37,7 @@ from lassfuzz.arch import (
     CR4_PSE,
     CR4_SMAP,
     CR4_SMEP,
+    EFER_SCE,
     GPR_NAMES,
     MASK64,
     PAGE_SIZE,
@@ -39,14 +45,27 @@ from lassfuzz.arch import (
     RFLAGS_AF,
     RFLAGS_CF,
     RFLAGS_DF,
+    RFLAGS_IF,
     RFLAGS_OF,
     RFLAGS_PF,
     RFLAGS_SF,
+    RFLAGS_TF,
     RFLAGS_ZF,
 )
-from lassfuzz.case import DEFAULT_CR0, DEFAULT_CR4, DEFAULT_RFLAGS, Page, State, is_canonical48
+from lassfuzz.case import (
+    DEFAULT_CR0,
+    DEFAULT_CR4,
+    DEFAULT_EFER,
+    DEFAULT_RFLAGS,
+    Page,
+    State,
+    System,
+    is_canonical48,
+    is_canonical57,
+)
 from lassfuzz.generator.choices import Chooser, Weighted
 from lassfuzz.generator.config import GeneratorConfig
+from lassfuzz.system import DATA_SELECTORS, STACK_SELECTOR, Tables
 
 USER_TOP_PAGE: Final = 0x0000_7FFF_FFFF_F000
 SUPERVISOR_BOTTOM_PAGE: Final = 0xFFFF_8000_0000_0000
@@ -56,15 +75,104 @@ WRAP_PAGE: Final = 0xFFFF_FFFF_FFFF_F000
 BOUNDARY_PAGES: Final = (0x0, USER_TOP_PAGE, SUPERVISOR_BOTTOM_PAGE, WRAP_PAGE)
 #: First non-canonical pages on either side of the canonical hole.
 NON_CANONICAL_PAGES: Final = (0x0000_8000_0000_0000, 0xFFFF_7FFF_FFFF_F000)
+#: With LA57 (57-bit canonical addresses): the half edges, and the first non-canonical pages.
+USER_TOP_PAGE_57: Final = 0x00FF_FFFF_FFFF_F000
+SUPERVISOR_BOTTOM_PAGE_57: Final = 0xFF00_0000_0000_0000
+NON_CANONICAL_PAGES_57: Final = (0x0100_0000_0000_0000, 0xFEFF_FFFF_FFFF_F000)
+#: In compatibility mode every address is below 4 GiB; the top page wraps into page 0.
+COMPAT_TOP_PAGE: Final = 0xFFFF_F000
 
 #: Code and landing-pad regions per half (index: 0 = user half, 1 = supervisor half).
 CODE_REGIONS: Final = (0x0000_0000_0040_0000, 0xFFFF_FFFF_8000_0000)
 PAD_REGIONS: Final = (0x0000_0000_0080_0000, 0xFFFF_FFFF_8080_0000)
+#: A user page of 32-bit code that IRETQ and RET far enter compatibility mode at, in 64-bit
+#: cases with descriptor tables: ``nop; ud2``, so that the case ends through the #UD handler
+#: (code_end, in the supervisor half for CPL 0-2 code, is out of 32-bit reach). It writes no
+#: register: the upper halves of the GPRs are undefined in a 32-bit mode (SDM Vol. 1 3.4.1.1).
+COMPAT_ENTRY: Final = PAD_REGIONS[0] + 0x20_0000
+COMPAT_ENTRY_CODE: Final = bytes.fromhex("900f0b")
+#: The stack those transfers load (the page above the entry page): below 4 GiB, so that ESP
+#: and RSP agree; a 64-bit RSP would make the next push address undefined.
+COMPAT_STACK_TOP: Final = COMPAT_ENTRY + 2 * PAGE_SIZE
 #: Ordinary data and stack pages are drawn from these ranges (far from the code regions).
 DATA_RANGES: Final = (
     (0x0000_0001_0000_0000, 0x0000_7FFF_0000_0000),
     (0xFFFF_8000_1000_0000, 0xFFFF_FFFF_0000_0000),
 )
+#: Compatibility mode: two ranges below 4 GiB (both in the user half for LASS), clear of the
+#: code, pad and table regions.
+COMPAT_DATA_RANGES: Final = ((0x0100_0000, 0x8000_0000), (0x8000_0000, 0xB000_0000))
+#: Descriptor tables, the handler and the kernel stacks, one page each, per half (the user-half
+#: region lies below 4 GiB so that compatibility-mode cases can have their tables there too).
+TABLE_REGIONS: Final = (0x0000_0000_C000_0000, 0xFFFF_FFFF_C000_0000)
+_GDT, _IDT, _TSS, _HANDLER, _KERNEL_STACK, _IST_STACK, _DF_STACK = range(7)
+#: An unmapped page between two slots: a kernel stack pointer near its page's bottom makes the
+#: frame cross into nothing (#PF), not into a neighbouring table.
+_TABLE_SPACING: Final = 2 * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The address space of a case's mode and paging depth.
+
+    ``boundary_pages`` are the pages at the half edges and the wrap; those in ``home_pages``
+    are out of reach of an absolute disp32 and need a home register. ``mask`` is where
+    addresses wrap (2^64, or 2^32 for compatibility-mode code).
+    """
+
+    boundary_pages: tuple[int, ...]
+    home_pages: frozenset[int]
+    non_canonical: tuple[int, ...]
+    data_ranges: tuple[tuple[int, int], ...]
+    la57: bool
+    mask: int
+
+    def canonical(self, address: int) -> bool:
+        if self.mask != MASK64:
+            return address <= self.mask
+        return is_canonical57(address) if self.la57 else is_canonical48(address)
+
+
+GEOMETRY_48: Final = Geometry(
+    boundary_pages=BOUNDARY_PAGES,
+    home_pages=frozenset({USER_TOP_PAGE, SUPERVISOR_BOTTOM_PAGE}),
+    non_canonical=NON_CANONICAL_PAGES,
+    data_ranges=DATA_RANGES,
+    la57=False,
+    mask=MASK64,
+)
+#: LA57: the 57-bit half edges, and the 48-bit edges, which are now ordinary canonical pages.
+GEOMETRY_57: Final = Geometry(
+    boundary_pages=(
+        0x0,
+        USER_TOP_PAGE_57,
+        NON_CANONICAL_PAGES[0],
+        NON_CANONICAL_PAGES[1],
+        SUPERVISOR_BOTTOM_PAGE_57,
+        WRAP_PAGE,
+    ),
+    home_pages=frozenset({USER_TOP_PAGE_57, SUPERVISOR_BOTTOM_PAGE_57, *NON_CANONICAL_PAGES}),
+    non_canonical=NON_CANONICAL_PAGES_57,
+    data_ranges=DATA_RANGES,
+    la57=True,
+    mask=MASK64,
+)
+GEOMETRY_COMPAT: Final = Geometry(
+    boundary_pages=(0x0, COMPAT_TOP_PAGE),
+    home_pages=frozenset(),
+    non_canonical=(),
+    data_ranges=COMPAT_DATA_RANGES,
+    la57=False,
+    mask=0xFFFF_FFFF,
+)
+
+
+def geometry(mode: str, la57: bool) -> Geometry:
+    """The :class:`Geometry` of a mode and paging depth."""
+    if mode == "compat":
+        return GEOMETRY_COMPAT
+    return GEOMETRY_57 if la57 else GEOMETRY_48
+
 
 HOME_REGISTERS: Final = (Register.R12, Register.R13, Register.R14, Register.R15)
 STRING_REGISTERS: Final = (Register.RSI, Register.RDI)
@@ -106,6 +214,7 @@ class Control:
     cr0: int
     cr4: int
     rflags: int
+    mode: str = "64"
 
 
 @dataclass(frozen=True)
@@ -145,22 +254,33 @@ class Setup:
     control: Control
     layout: Layout
     scratch: tuple[tuple[RegisterValue, int], ...]
+    #: Descriptor tables and their pages (GDT, IDT, TSS, handler, kernel stacks), if any.
+    system: System | None = None
+    system_pages: tuple[Page, ...] = ()
+    #: Where IRETQ and far transfers may enter compatibility mode (:data:`COMPAT_ENTRY`).
+    compat_entry: int | None = None
 
     def state(self) -> State:
         """The case's initial :class:`State`."""
         values = dict(self.scratch)
         values.update(self.layout.registers)
-        gprs = tuple(values.get(_GPR_REGISTERS[name], 0) for name in GPR_NAMES)
+        # The upper halves of the GPRs are undefined after a switch to a 32-bit mode (SDM Vol. 1
+        # 3.4.1.1): compatibility-mode cases start with 32-bit values throughout.
+        mask = MASK64 if self.control.mode == "64" else 0xFFFF_FFFF
+        gprs = tuple(values.get(_GPR_REGISTERS[name], 0) & mask for name in GPR_NAMES)
         control = self.control
         return State(
+            mode=control.mode,
             cpl=control.cpl,
             gprs=gprs,
             rflags=control.rflags,
             cr0=control.cr0,
             cr4=control.cr4,
+            efer=DEFAULT_EFER | (EFER_SCE if self.system is not None else 0),
             fs_base=self.layout.fs_base,
             gs_base=self.layout.gs_base,
             lass_supported=control.lass_supported,
+            system=self.system,
         )
 
 
@@ -168,8 +288,11 @@ _GPR_REGISTERS: Final = {name: getattr(Register, name.upper()) for name in GPR_N
 
 
 def draw_control(chooser: Chooser, config: GeneratorConfig) -> Control:
-    """CPL, CPUID LASS bit, CR0/CR4 and RFLAGS, within what docs/machine.md supports."""
+    """Mode, CPL, CPUID LASS bit, CR0/CR4 and RFLAGS, within what docs/machine.md supports."""
     cpl = 3 if chooser.boolean(config.p_cpl3) else 0
+    if cpl == 0 and chooser.boolean(config.p_cpl12):
+        cpl = chooser.integer(1, 2)
+    mode = "compat" if chooser.boolean(config.p_compat) else "64"
     lass_supported = not chooser.boolean(1.0 - config.p_lass_supported)
     cr4 = DEFAULT_CR4
     if lass_supported and chooser.boolean(config.p_lass):
@@ -178,6 +301,8 @@ def draw_control(chooser: Chooser, config: GeneratorConfig) -> Control:
         cr4 |= CR4_SMAP
     if chooser.boolean(config.p_smep):
         cr4 |= CR4_SMEP
+    if chooser.boolean(config.p_la57):
+        cr4 |= CR4_LA57
     for bit in _OPTIONAL_CR4:
         if chooser.boolean(0.25):
             cr4 |= bit
@@ -190,7 +315,9 @@ def draw_control(chooser: Chooser, config: GeneratorConfig) -> Control:
     for flag in _STATUS_FLAGS:
         if chooser.boolean(0.5):
             rflags |= flag
-    return Control(cpl=cpl, lass_supported=lass_supported, cr0=cr0, cr4=cr4, rflags=rflags)
+    return Control(
+        cpl=cpl, lass_supported=lass_supported, cr0=cr0, cr4=cr4, rflags=rflags, mode=mode
+    )
 
 
 def _page(chooser: Chooser, config: GeneratorConfig, address: int) -> Page:
@@ -212,25 +339,30 @@ def _page(chooser: Chooser, config: GeneratorConfig, address: int) -> Page:
     )
 
 
-def _ordinary_page(chooser: Chooser, half: int) -> int:
-    lo, hi = DATA_RANGES[half]
+def _ordinary_page(chooser: Chooser, shape: Geometry, half: int) -> int:
+    lo, hi = shape.data_ranges[half]
     return lo + chooser.integer(0, (hi - lo) // PAGE_SIZE - 1) * PAGE_SIZE
 
 
-def draw_layout(chooser: Chooser, config: GeneratorConfig, cpl: int) -> Layout:
+def draw_layout(
+    chooser: Chooser, config: GeneratorConfig, cpl: int, shape: Geometry = GEOMETRY_48
+) -> Layout:
     """Data pages (boundary and ordinary), stack, code placement and address registers."""
-    natural_half = 0 if cpl == 3 else 1
+    compat = shape is GEOMETRY_COMPAT
+    # In compatibility mode every address is in the user half: its natural pages are user ones.
+    natural_half = 0 if cpl == 3 or compat else 1
     pages: dict[int, Page] = {}
-    # Boundary pages; the two middle ones need a home register, ordinary pages fill the rest.
+    # Boundary pages; those out of disp32 reach need a home register, ordinary pages (at least
+    # two) fill the remaining homes.
     homes: list[int] = []
-    for address in BOUNDARY_PAGES:
+    for address in shape.boundary_pages:
         if chooser.boolean(0.7):
             pages[address] = _page(chooser, config, address)
-            if address in (USER_TOP_PAGE, SUPERVISOR_BOTTOM_PAGE):
+            if address in shape.home_pages:
                 homes.append(address)
-    for slot in range(len(HOME_REGISTERS) - len(homes)):
+    for slot in range(max(2, len(HOME_REGISTERS) - len(homes))):
         if slot < 2 or chooser.boolean(0.6):
-            address = _ordinary_page(chooser, slot % 2)
+            address = _ordinary_page(chooser, shape, slot % 2)
             if address not in pages:
                 pages[address] = _page(chooser, config, address)
                 homes.append(address)
@@ -239,22 +371,23 @@ def draw_layout(chooser: Chooser, config: GeneratorConfig, cpl: int) -> Layout:
     # The stack: a page of its own, usually in the half the CPL may use, or a boundary page.
     stack_half = 1 - natural_half if chooser.boolean(config.p_stack_other_half) else natural_half
     if chooser.boolean(0.2):
-        stack_page = chooser.choice(BOUNDARY_PAGES)
+        stack_page = chooser.choice(shape.boundary_pages)
     else:
-        stack_page = _ordinary_page(chooser, stack_half)
+        stack_page = _ordinary_page(chooser, shape, stack_half)
     if stack_page not in pages:
         stack = _page(chooser, config, stack_page)
         if not chooser.boolean(0.2):  # mostly a usable stack, so that later instructions run
-            stack = Page(stack_page, user=half_of(stack_page) == 0, data=stack.data)
+            user = cpl == 3 if compat else half_of(stack_page) == 0
+            stack = Page(stack_page, user=user, data=stack.data)
         pages[stack_page] = stack
-    rsp = (stack_page + chooser.weighted(_RSP_OFFSETS)) & MASK64
-    rbp = (rsp + chooser.choice(_RBP_ABOVE_RSP)) & MASK64
+    rsp = (stack_page + chooser.weighted(_RSP_OFFSETS)) & shape.mask
+    rbp = (rsp + chooser.choice(_RBP_ABOVE_RSP)) & shape.mask
 
     registers: list[tuple[RegisterValue, int]] = [(Register.RSP, rsp), (Register.RBP, rbp)]
     data_pages = sorted(pages)
     for index, register in enumerate(HOME_REGISTERS):
         page = homes[index] if index < len(homes) else chooser.choice(data_pages)
-        registers.append((register, (page + chooser.weighted(_POINTER_OFFSETS)) & MASK64))
+        registers.append((register, (page + chooser.weighted(_POINTER_OFFSETS)) & shape.mask))
     safe_targets = tuple(
         page.address
         for page in pages.values()
@@ -268,14 +401,16 @@ def draw_layout(chooser: Chooser, config: GeneratorConfig, cpl: int) -> Layout:
             value = chooser.choice(safe_targets) + 0x800
         else:
             value = chooser.choice(data_pages) + chooser.weighted(_POINTER_OFFSETS)
-        registers.append((register, value & MASK64))
+        registers.append((register, value & shape.mask))
     registers.append((INDEX_REGISTER, chooser.choice(INDEX_VALUES)))
     segment_bases = (0, *data_pages)
     fs_base = chooser.choice(segment_bases)
     gs_base = chooser.choice(segment_bases)
 
-    # Code: usually where the CPL may fetch, sometimes in the other half.
+    # Code: usually where the CPL may fetch, sometimes in the other half (compatibility-mode
+    # code always lies below 4 GiB).
     code_half = 1 - natural_half if chooser.boolean(config.p_code_other_half) else natural_half
+    code_half = 0 if compat else code_half
     code_address = CODE_REGIONS[code_half] + chooser.integer(0, 15) * PAGE_SIZE
     code_address += chooser.integer(0, 0x100)
     code_page = None
@@ -283,7 +418,7 @@ def draw_layout(chooser: Chooser, config: GeneratorConfig, cpl: int) -> Layout:
         code_page = Page(code_address & ~(PAGE_SIZE - 1), user=cpl != 3, writable=False)
 
     # Landing pads and far branch targets in the other half (branch-then-fetch).
-    other_half = 1 - code_half
+    other_half = 0 if compat else 1 - code_half
     pads: list[Page] = []
     if chooser.boolean(0.7):
         pad_address = PAD_REGIONS[other_half] + chooser.integer(0, 15) * PAGE_SIZE
@@ -296,14 +431,14 @@ def draw_layout(chooser: Chooser, config: GeneratorConfig, cpl: int) -> Layout:
         *(pad.address for pad in pads),
         PAD_REGIONS[other_half] + 0x10_0000,  # unmapped, other half
         PAD_REGIONS[code_half] + 0x10_0000,  # unmapped, same half
-        chooser.choice(NON_CANONICAL_PAGES),
+        *((chooser.choice(shape.non_canonical),) if shape.non_canonical else ()),
     )
     targets = [*data_pages]
     for address in data_pages:
-        for neighbour in ((address - PAGE_SIZE) & MASK64, (address + PAGE_SIZE) & MASK64):
-            if neighbour not in pages and is_canonical48(neighbour):
+        for neighbour in ((address - PAGE_SIZE) & shape.mask, (address + PAGE_SIZE) & shape.mask):
+            if neighbour not in pages and shape.canonical(neighbour):
                 targets.append(neighbour)
-    targets.extend(page for page in NON_CANONICAL_PAGES if chooser.boolean(0.3))
+    targets.extend(page for page in shape.non_canonical if chooser.boolean(0.3))
     return Layout(
         pages=tuple(pages[address] for address in sorted(pages)),
         code_address=code_address,
@@ -333,8 +468,111 @@ def draw_scratch(chooser: Chooser, layout: Layout) -> tuple[tuple[RegisterValue,
     return tuple(values)
 
 
+def draw_system(
+    chooser: Chooser, config: GeneratorConfig, control: Control, layout: Layout
+) -> tuple[System, tuple[Page, ...]]:
+    """Descriptor tables, handler and kernel stacks in the supervisor half, or some in the user
+    half (LASS.md section 8 item 5); sometimes an unusual descriptor; SYSCALL MSRs aimed at the
+    handler or a pad.
+
+    One table in the user half is the sharp case (e.g. the TSS: only deliveries that switch
+    stacks read it); all of them there makes every delivery fail. The handler goes to the user
+    half only while LASS is off: with LASS on its fetch would fault again on every delivery, an
+    endless loop that ends in a (never compared) hang.
+    """
+    slots = _USER_HALF_SLOTS if control.cr4 & CR4_LASS else (*_USER_HALF_SLOTS, _HANDLER)
+    user_half: set[int] = set()
+    if chooser.boolean(config.p_table_user_half):
+        user_half = set(slots) if chooser.boolean(0.25) else {chooser.choice(slots)}
+    addresses = [
+        TABLE_REGIONS[0 if slot in user_half else 1] + slot * _TABLE_SPACING
+        for slot in range(_DF_STACK + 1)
+    ]
+    handler = addresses[_HANDLER] + chooser.choice((0, 0x100))
+    rsp0 = addresses[_KERNEL_STACK] + chooser.weighted(_KERNEL_RSP_OFFSETS)
+    tables = Tables(
+        gdt=addresses[_GDT], idt=addresses[_IDT], tss=addresses[_TSS], handler=handler, rsp0=rsp0
+    )
+    if chooser.boolean(0.5):  # like Linux: #DF on a stack of its own
+        tables = replace(tables, df_stack=addresses[_DF_STACK] + PAGE_SIZE)
+    if chooser.boolean(0.5):  # far CALL through a call gate to the handler
+        tables = replace(tables, call_gate=handler)
+    if chooser.boolean(config.p_unusual_descriptor):
+        tables = _unusual(chooser, tables, addresses[_IST_STACK], control.cpl)
+    contents = tables.contents()
+    contents[addresses[_KERNEL_STACK]] = b""
+    if tables.ist1:
+        contents[addresses[_IST_STACK]] = b""
+    if tables.df_stack:
+        contents[addresses[_DF_STACK]] = b""
+    handler_page = handler & ~(PAGE_SIZE - 1)
+    # Supervisor pages as an OS maps them, so that LASS alone decides; now and then one user
+    # page, which SMAP guards against implicit accesses (never the handler's: with SMEP every
+    # delivery would fault again).
+    user_page = None
+    if chooser.boolean(_P_USER_TABLE_PAGE):
+        user_page = chooser.choice(sorted(set(contents) - {handler_page}))
+    pages = tuple(
+        Page(address, user=address == user_page, writable=address != handler_page, data=data)
+        for address, data in sorted(contents.items())
+    )
+    system = tables.system(mode=control.mode, cpl=control.cpl)
+    if control.mode == "compat":  # a null FS/GS would fault on use in a 32-bit mode
+        stack = STACK_SELECTOR[control.cpl]
+        system = replace(system, fs=stack, gs=stack)
+    lstar = chooser.choice((handler, *(pad.address for pad in layout.pads), _UNMAPPED_USER))
+    sfmask = RFLAGS_AC if chooser.boolean(config.p_sfmask_ac) else 0
+    sfmask |= chooser.choice((0, RFLAGS_TF | RFLAGS_DF | RFLAGS_IF))
+    return replace(system, lstar=lstar, sfmask=sfmask), pages
+
+
+#: Kernel stack pointers inside their page: the top, the middle, and close enough to the bottom
+#: that the 5-word frame crosses into the (unmapped) page below.
+_KERNEL_RSP_OFFSETS: Final = Weighted.of([(PAGE_SIZE, 4), (0x800, 3), (0x18, 1)])
+_USER_HALF_SLOTS: Final = (_GDT, _IDT, _TSS, _KERNEL_STACK, _IST_STACK, _DF_STACK)
+_P_USER_TABLE_PAGE: Final = 0.15
+#: An unmapped user-half address (a SYSCALL target whose fetch faults).
+_UNMAPPED_USER: Final = TABLE_REGIONS[0] + 0x10_0000
+
+
+def _unusual(chooser: Chooser, tables: Tables, ist_page: int, cpl: int) -> Tables:
+    """``tables`` with one departure from the standard layout. The data selector it changes is
+    never the one the case starts with in SS, DS and ES (the trusted boot would refuse it)."""
+    selector = chooser.choice([s for s in DATA_SELECTORS if s != STACK_SELECTOR[cpl] & ~3])
+    kind = chooser.integer(0, 5)
+    if kind == 0:  # loading it writes the A bit back: an implicit supervisor write
+        return replace(tables, unaccessed=frozenset({selector}))
+    if kind == 1:
+        return replace(tables, not_present=frozenset({selector}))
+    if kind == 2:
+        return replace(tables, dpl=((selector, chooser.integer(0, 3)),))
+    if kind == 3:  # INT n from CPL > 0 then #GPs on the gate's DPL
+        return replace(tables, gate_dpl=0)
+    if kind == 4:  # every delivery switches to IST1
+        return replace(tables, ist1=ist_page + chooser.weighted(_KERNEL_RSP_OFFSETS))
+    return replace(tables, tss_busy=False)  # LTR then succeeds and sets the busy bit
+
+
 def draw_setup(chooser: Chooser, config: GeneratorConfig) -> Setup:
-    """Control state, layout and scratch registers of one case."""
+    """Control state, layout, scratch registers and descriptor tables of one case."""
     control = draw_control(chooser, config)
-    layout = draw_layout(chooser, config, control.cpl)
-    return Setup(control=control, layout=layout, scratch=draw_scratch(chooser, layout))
+    shape = geometry(control.mode, bool(control.cr4 & CR4_LA57))
+    layout = draw_layout(chooser, config, control.cpl, shape)
+    if (
+        control.cpl < 3
+        and control.mode == "64"
+        and half_of(layout.code_address) == 0
+        and chooser.boolean(0.5)
+    ):
+        # Supervisor code in the user half with LASS off at first runs until a CR4 write
+        # sets LASS; then its next fetch faults (LASS.md section 8 item 7).
+        control = replace(control, cr4=control.cr4 & ~CR4_LASS)
+    scratch = draw_scratch(chooser, layout)
+    if not chooser.boolean(config.p_system):
+        return Setup(control=control, layout=layout, scratch=scratch)
+    system, pages = draw_system(chooser, config, control, layout)
+    if control.mode == "compat":
+        return Setup(control, layout, scratch, system, pages)
+    entry = Page(COMPAT_ENTRY, user=True, writable=False, data=COMPAT_ENTRY_CODE)
+    stack = Page(COMPAT_STACK_TOP - PAGE_SIZE, user=True)
+    return Setup(control, layout, scratch, system, (*pages, entry, stack), COMPAT_ENTRY)

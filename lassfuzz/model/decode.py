@@ -43,15 +43,15 @@ _IMMEDIATES: Final = frozenset(
 )
 _STRING_SOURCES: Final = frozenset({iced.OpKind.MEMORY_SEG_RSI})
 _STRING_DESTINATIONS: Final = frozenset({iced.OpKind.MEMORY_ESRDI})
+_STRING_SOURCES32: Final = frozenset({iced.OpKind.MEMORY_SEG_ESI})
+_STRING_DESTINATIONS32: Final = frozenset({iced.OpKind.MEMORY_ESEDI})
 _UNSUPPORTED_STRING_FORMS: Final = frozenset(
     {
         iced.OpKind.MEMORY_SEG_SI,
-        iced.OpKind.MEMORY_SEG_ESI,
         iced.OpKind.MEMORY_SEG_DI,
         iced.OpKind.MEMORY_SEG_EDI,
         iced.OpKind.MEMORY_SEG_RDI,
         iced.OpKind.MEMORY_ESDI,
-        iced.OpKind.MEMORY_ESEDI,
     }
 )
 _RSI: Final = 6
@@ -70,8 +70,10 @@ class Reg:
 @dataclass(frozen=True)
 class Mem:
     """A ModRM/moffs memory operand. ``displacement`` includes, for RIP-relative operands, the
-    distance from the instruction's first byte; ``address_bits`` is 64 or 32 (0x67 prefix).
-    ``segment`` is the effective segment ("ss" for RSP/RBP bases without override)."""
+    distance from the instruction's first byte; ``address_bits`` is 64 or 32 (0x67 prefix, or
+    compatibility mode). ``segment`` is the effective segment ("ss" for RSP/RBP bases without
+    override). ``linear_bits`` is 32 in compatibility mode, where the linear address (segment
+    base + offset) is truncated to 32 bits (SDM Vol. 3A 3.4.4 and docs/machine.md)."""
 
     segment: str
     base: int | None
@@ -81,16 +83,19 @@ class Mem:
     displacement: int
     address_bits: int
     size: int
+    linear_bits: int = 64
 
 
 @dataclass(frozen=True)
 class StringMem:
     """The implicit operand of a string instruction: ``segment``:RSI (source, overridable) or
-    ES:RDI (destination), ``size`` bytes."""
+    ES:RDI (destination), ``size`` bytes; ``address_bits`` 32 uses ESI/EDI/ECX (0x67 prefix or
+    compatibility mode)."""
 
     register: int
     segment: str
     size: int
+    address_bits: int = 64
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,17 @@ class Imm:
 
 @dataclass(frozen=True)
 class Branch:
-    """A relative branch: the target is the instruction's address plus ``offset`` (mod 2^64)."""
+    """A relative branch: the target is the instruction's address plus ``offset``, modulo
+    2^64 (64-bit mode) or 2^32 (32-bit operand size in compatibility mode)."""
 
     offset: int
+
+
+@dataclass(frozen=True)
+class SegReg:
+    """A segment register operand (MOV/POP Sreg): its name, "cs" .. "gs"."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ class ControlReg:
     number: int
 
 
-Operand = Reg | Mem | StringMem | Imm | Branch | ControlReg
+Operand = Reg | Mem | StringMem | Imm | Branch | ControlReg | SegReg
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Decoded:
     condition: int | None
     stack_increment: int
     text: str
+    bitness: int = 64
 
     @property
     def length(self) -> int:
@@ -150,19 +164,21 @@ class NeedMoreBytes(Exception):
 
 
 class InstructionDecoder:
-    """Decodes 64-bit-mode instructions; owns its formatter (used only for names)."""
+    """Decodes 64-bit-mode or (``bitness`` 32) compatibility-mode instructions, whose default
+    operand and address sizes are 32 bits (no REX: 0x40-0x4F are INC/DEC); owns its formatter
+    (used only for names)."""
 
     def __init__(self) -> None:
         self._formatter = iced.Formatter(iced.FormatterSyntax.INTEL)
 
-    def decode(self, window: bytes) -> Decoded:
+    def decode(self, window: bytes, bitness: int = 64) -> Decoded:
         """Decode the instruction at the start of ``window`` (at most 15 bytes).
 
         Raises NeedMoreBytes if ``window`` ends inside it, Unsupported for bytes iced rejects,
         and returns a description with ``code == "INVALID_LOCK"`` for a LOCK prefix on an
         instruction that cannot take it (SDM Vol. 2 "LOCK": #UD).
         """
-        decoder = iced.Decoder(64, window, ip=0)
+        decoder = iced.Decoder(bitness, window, ip=0)
         instruction = decoder.decode()
         if decoder.last_error == iced.DecoderError.NO_MORE_BYTES:
             if len(window) >= 15:
@@ -170,13 +186,13 @@ class InstructionDecoder:
             raise NeedMoreBytes
         if instruction.is_invalid:
             relaxed = iced.Decoder(
-                64, window, ip=0, options=iced.DecoderOptions.NO_INVALID_CHECK
+                bitness, window, ip=0, options=iced.DecoderOptions.NO_INVALID_CHECK
             ).decode()
             if not relaxed.is_invalid and relaxed.has_lock_prefix:
                 raw = window[: relaxed.len]
                 return Decoded(
                     "LOCK", "INVALID_LOCK", raw, (), True, False, False, None, 0,
-                    f"lock {self._formatter.format(relaxed)}",
+                    f"lock {self._formatter.format(relaxed)}", bitness,
                 )  # fmt: skip
             raise Unsupported(f"undecodable instruction bytes ({window.hex(' ')})")
         raw = window[: instruction.len]
@@ -184,7 +200,8 @@ class InstructionDecoder:
         if instruction.encoding != iced.EncodingKind.LEGACY:
             raise Unsupported(f"'{text}' ({raw.hex(' ')}): VEX/EVEX/XOP encodings")
         operands = tuple(
-            _operand(instruction, number, text, raw) for number in range(instruction.op_count)
+            _operand(instruction, number, text, raw, bitness)
+            for number in range(instruction.op_count)
         )
         condition = instruction.condition_code
         return Decoded(
@@ -198,10 +215,13 @@ class InstructionDecoder:
             condition=None if condition == iced.ConditionCode.NONE else condition - 1,
             stack_increment=instruction.stack_pointer_increment,
             text=text,
+            bitness=bitness,
         )
 
 
-def _operand(instruction: iced.Instruction, number: int, text: str, raw: bytes) -> Operand:
+def _operand(
+    instruction: iced.Instruction, number: int, text: str, raw: bytes, bitness: int
+) -> Operand:
     kind = instruction.op_kind(number)
     if kind == iced.OpKind.REGISTER:
         register = instruction.op_register(number)
@@ -211,23 +231,29 @@ def _operand(instruction: iced.Instruction, number: int, text: str, raw: bytes) 
             return Reg(full - iced.Register.RAX, shift, iced.RegisterExt.size(register))
         if iced.RegisterExt.is_cr(register):
             return ControlReg(register - iced.Register.CR0)
+        if register in _SEGMENTS:
+            return SegReg(_SEGMENTS[register])
         raise Unsupported(f"'{text}' ({raw.hex(' ')}): register operand {number} is not a GPR")
     if kind in _IMMEDIATES:
         return Imm(instruction.immediate(number))
     if kind == iced.OpKind.NEAR_BRANCH64:
         return Branch(instruction.near_branch64)
+    if kind == iced.OpKind.NEAR_BRANCH32:
+        return Branch(instruction.near_branch32)
     if kind == iced.OpKind.MEMORY:
-        return _memory(instruction, text, raw)
-    if kind in _STRING_SOURCES or kind in _STRING_DESTINATIONS:
-        number = _RSI if kind in _STRING_SOURCES else _RDI
+        return _memory(instruction, text, raw, bitness)
+    strings = (_STRING_SOURCES, _STRING_DESTINATIONS, _STRING_SOURCES32, _STRING_DESTINATIONS32)
+    if any(kind in forms for forms in strings):
+        number = _RSI if kind in _STRING_SOURCES or kind in _STRING_SOURCES32 else _RDI
         segment = _SEGMENTS[instruction.memory_segment] if number == _RSI else "es"
-        return StringMem(number, segment, iced.MemorySizeExt.size(instruction.memory_size))
+        bits = 64 if kind in _STRING_SOURCES or kind in _STRING_DESTINATIONS else 32
+        return StringMem(number, segment, iced.MemorySizeExt.size(instruction.memory_size), bits)
     if kind in _UNSUPPORTED_STRING_FORMS:
-        raise Unsupported(f"'{text}' ({raw.hex(' ')}): string instruction with 32-bit addresses")
+        raise Unsupported(f"'{text}' ({raw.hex(' ')}): string instruction with 16-bit addresses")
     raise Unsupported(f"'{text}' ({raw.hex(' ')}): operand kind {kind} is not modelled")
 
 
-def _memory(instruction: iced.Instruction, text: str, raw: bytes) -> Mem:
+def _memory(instruction: iced.Instruction, text: str, raw: bytes, bitness: int) -> Mem:
     base = instruction.memory_base
     index = instruction.memory_index
     rip_relative = base in (iced.Register.RIP, iced.Register.EIP)
@@ -237,9 +263,16 @@ def _memory(instruction: iced.Instruction, text: str, raw: bytes) -> Mem:
             continue
         if not iced.RegisterExt.is_gpr(register):
             raise Unsupported(f"'{text}' ({raw.hex(' ')}): vector-indexed addressing")
+        if iced.RegisterExt.size(register) == 2:
+            raise Unsupported(f"'{text}' ({raw.hex(' ')}): 16-bit addressing")
         if iced.RegisterExt.size(register) == 4:
             address_bits = 32
     if base == iced.Register.EIP:
+        address_bits = 32
+    if bitness == 32:
+        # Compatibility mode: 32-bit addresses; an 0x67 prefix selects 16-bit addressing.
+        if instruction.memory_displ_size == 2:
+            raise Unsupported(f"'{text}' ({raw.hex(' ')}): 16-bit addressing")
         address_bits = 32
     # An absolute 0x67 address needs no mask: iced already zero-extends its disp32.
     return Mem(
@@ -251,6 +284,7 @@ def _memory(instruction: iced.Instruction, text: str, raw: bytes) -> Mem:
         displacement=instruction.memory_displacement,
         address_bits=address_bits,
         size=iced.MemorySizeExt.size(instruction.memory_size),
+        linear_bits=bitness,
     )
 
 

@@ -54,3 +54,13 @@ class Halted(Exception):
 
 class Unsupported(Exception):
     """The model cannot run this faithfully; the message names the instruction or state."""
+
+
+class SoftwareInterrupt(Exception):
+    """INT n / INT3 completed its own checks: the engine delivers ``vector`` through the IDT
+    with ``return_rip`` (the next instruction) as the saved RIP (SDM Vol. 2 INT n)."""
+
+    def __init__(self, vector: int, return_rip: int) -> None:
+        super().__init__(f"INT {vector:#x}")
+        self.vector = vector
+        self.return_rip = return_rip

@@ -24,6 +24,7 @@ from lassfuzz.arch import (
     CR0_PG,
     CR0_TS,
     CR0_WP,
+    CR4_LA57,
     CR4_LASS,
     CR4_OSFXSR,
     CR4_OSXMMEXCPT,
@@ -48,8 +49,8 @@ from lassfuzz.arch import (
     RFLAGS_ZF,
     RSP,
 )
-from lassfuzz.model import flags
-from lassfuzz.model.decode import Branch, ControlReg, Decoded, Imm, Mem, Reg, StringMem
+from lassfuzz.model import flags, system_instructions
+from lassfuzz.model.decode import Branch, ControlReg, Decoded, Imm, Mem, Reg, SegReg, StringMem
 from lassfuzz.model.faults import Halted, Unsupported, general_protection, invalid_opcode
 from lassfuzz.model.lass import Kind
 from lassfuzz.model.memory import LinearMemory, Location, is_canonical
@@ -57,14 +58,18 @@ from lassfuzz.model.operands import (
     MemSlot,
     RegSlot,
     Slot,
+    check_usable,
+    compat_linear,
     effective_address,
     linear_address,
+    pop,
+    push,
     segment_base,
     sign_extend,
     slot,
     write_register,
 )
-from lassfuzz.model.state import Cpu
+from lassfuzz.model.state import MASK32, SEGMENT_INDEX, Cpu
 
 Plan = Callable[[Cpu, LinearMemory, int, int], int]
 _RAX: Final = 0
@@ -95,25 +100,22 @@ def _require_defined(cpu: Cpu, reads: int, d: Decoded, rip: int) -> None:
         raise Unsupported(f"{d.describe(rip)} reads undefined flag(s) {flags.flag_names(bad)}")
 
 
-def _branch_target(target: int, d: Decoded) -> int:
+def _branch_target(cpu: Cpu, target: int, d: Decoded) -> int:
     """A near branch to a non-canonical target faults at the branch itself (SDM JMP/CALL/RET
-    64-bit mode: #GP(0)); LASS does not check branch targets (LASS.md §5)."""
-    if not is_canonical(target):
+    64-bit mode: #GP(0)); LASS does not check branch targets (LASS.md §5). Compatibility-mode
+    targets are 32-bit offsets within the flat 4 GiB CS limit, so they cannot fault."""
+    if not is_canonical(target, cpu.la57):
         raise general_protection(f"{d.text}: non-canonical branch target {target:#x}")
     return target
 
 
-def _push(mem: LinearMemory, rsp: int, value: int, size: int) -> int:
-    """Store ``value`` below ``rsp`` as an SS access; the new RSP (the caller writes it)."""
-    rsp = (rsp - size) & MASK64
-    mem.store(mem.locate(rsp, size, _WRITE, stack=True), value & ((1 << (size * 8)) - 1))
-    return rsp
-
-
-def _pop(cpu: Cpu, mem: LinearMemory, size: int) -> tuple[int, int]:
-    """Read ``size`` bytes at RSP as an SS access: (value, new RSP not yet written)."""
-    rsp = cpu.gpr[RSP]
-    return mem.read(rsp, size, stack=True), (rsp + size) & MASK64
+def _stack_size(d: Decoded, suffix: str) -> int:
+    """Operand size of a stack-using instruction from its iced code suffix ("W", "D", "Q");
+    16-bit near branches truncate RIP to 16 bits and are not modelled."""
+    size = {"W": 2, "D": 4, "Q": 8}.get(suffix)
+    if size is None:
+        raise _Shape(f"operand size of {d.code}")
+    return size
 
 
 def _operands(d: Decoded, count: int) -> tuple[object, ...]:
@@ -135,6 +137,8 @@ def _mov(d: Decoded) -> Plan:
     a, b = _operands(d, 2)
     if isinstance(a, ControlReg) or isinstance(b, ControlReg):
         return _mov_cr(d, a, b)
+    if isinstance(a, SegReg) or isinstance(b, SegReg):
+        return system_instructions.mov_segment(d)
     dst = _gp_slot(a)
     src = _gp_slot(b, dst.size)
 
@@ -429,6 +433,10 @@ def _bit_test(d: Decoded) -> Plan:
         base_of = segment_base(a.segment)
         amask = (1 << a.address_bits) - 1
         stack = a.segment == "ss"
+        compat = a.linear_bits == 32
+        if compat and a.segment == "cs":
+            raise _Shape("CS segment override in compatibility mode")
+        segment_index = SEGMENT_INDEX[a.segment]
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         if offset_reg is not None:
@@ -440,6 +448,9 @@ def _bit_test(d: Decoded) -> Plan:
             signed = sign_extend(raw, bits)
             ea = (offset_of(cpu, rip) + (signed >> shift) * dst.size) & amask
             linear = (ea + base_of(cpu)) & MASK64 if base_of is not None else ea
+            if compat:
+                check_usable(cpu, segment_index)
+                linear &= MASK32
             string_loc = mem.locate(linear, dst.size, kind, stack=stack)
             value = mem.load(string_loc)
             loc: Location | None = string_loc
@@ -469,14 +480,18 @@ def _bit_test(d: Decoded) -> Plan:
 
 
 def _push_op(d: Decoded) -> Plan:
-    """PUSH r/m/imm: 8 or 2 bytes (66 prefix); PUSH RSP pushes the value before the push."""
+    """PUSH r/m/imm: 8 or 2 bytes (66 prefix), 4 in 32-bit code; PUSH RSP pushes the value
+    before the push. PUSH Sreg may write 2 bytes or the whole slot (SDM PUSH: processor
+    specific), so it is not modelled."""
     (a,) = _operands(d, 1)
+    if isinstance(a, SegReg):
+        raise _Shape("PUSH Sreg writes a model-specific number of bytes")
     size = -d.stack_increment
     src = _gp_slot(a, size)
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         value = src.get(cpu, mem, src.locate(cpu, mem, rip, _READ))
-        cpu.gpr[RSP] = _push(mem, cpu.gpr[RSP], value, size)
+        cpu.gpr[RSP] = push(cpu, mem, cpu.gpr[RSP], value, size)
         return next_rip
 
     return plan
@@ -486,11 +501,13 @@ def _pop_op(d: Decoded) -> Plan:
     """POP r/m: 8 or 2 bytes. A memory destination with an RSP base uses the RSP value after
     the increment; POP RSP leaves the popped value in RSP."""
     (a,) = _operands(d, 1)
+    if isinstance(a, SegReg):
+        return system_instructions.pop_segment(d)
     size = d.stack_increment
     dst = _gp_slot(a, size)
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        value, rsp = _pop(cpu, mem, size)
+        value, rsp = pop(cpu, mem, size)
         old = cpu.gpr[RSP]
         cpu.gpr[RSP] = rsp
         try:
@@ -510,7 +527,7 @@ def _pushf(d: Decoded) -> Plan:
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         _require_defined(cpu, RFLAGS_STATUS, d, rip)
-        cpu.gpr[RSP] = _push(mem, cpu.gpr[RSP], cpu.rflags & ~(RFLAGS_VM | RFLAGS_RF), size)
+        cpu.gpr[RSP] = push(cpu, mem, cpu.gpr[RSP], cpu.rflags & ~(RFLAGS_VM | RFLAGS_RF), size)
         return next_rip
 
     return plan
@@ -526,7 +543,7 @@ def _popf(d: Decoded) -> Plan:
     size = d.stack_increment
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        value, rsp = _pop(cpu, mem, size)
+        value, rsp = pop(cpu, mem, size)
         changeable = _POPF_ANY_CPL
         if cpu.cpl <= (cpu.rflags & RFLAGS_IOPL) >> 12:
             changeable |= RFLAGS_IF
@@ -548,39 +565,43 @@ def _popf(d: Decoded) -> Plan:
 def _enter(d: Decoded) -> Plan:
     """ENTER size, level (level mod 32): push RBP; FrameTemp = RSP; for i in 1..level-1 copy
     the quadword at RBP - 8i (an SS read) onto the stack; push FrameTemp if level > 0;
-    RBP = FrameTemp; RSP -= size. With 66 (16-bit) only level 0 is modelled."""
+    RBP = FrameTemp; RSP -= size. The frame element is 8 bytes (4 in 32-bit code: EBP/ESP,
+    wrapping at the stack-address size); with 66 (16-bit) only level 0 is modelled."""
     a, b = _operands(d, 2)
     if not isinstance(a, Imm) or not isinstance(b, Imm):
         raise _Shape("ENTER operands")
     allocation = a.value & 0xFFFF
     level = b.value & 0x1F
-    size = 2 if d.code.startswith("ENTERW") else 8
-    if level and size != 8:
+    size = _stack_size(d, d.code[5])
+    if level and size == 2:
         raise _Shape(f"16-bit ENTER with nesting level {level}")
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        rsp = frame = _push(mem, cpu.gpr[RSP], cpu.gpr[RBP], size)
+        mask = cpu.stack_mask
+        rsp = frame = push(cpu, mem, cpu.gpr[RSP], cpu.gpr[RBP], size)
         if level:
             rbp = cpu.gpr[RBP]
             for _ in range(1, level):
-                rbp = (rbp - 8) & MASK64
-                rsp = _push(mem, rsp, mem.read(rbp, 8, stack=True), 8)
-            rsp = _push(mem, rsp, frame, 8)
+                rbp = (rbp - size) & mask
+                rsp = push(cpu, mem, rsp, mem.read(rbp, size, stack=True), size)
+            rsp = push(cpu, mem, rsp, frame, size)
         write_register(cpu, RBP, 0, size, frame)
-        cpu.gpr[RSP] = (rsp - allocation) & MASK64
+        cpu.gpr[RSP] = (rsp - allocation) & mask
         return next_rip
 
     return plan
 
 
 def _leave(d: Decoded) -> Plan:
-    """LEAVE: RSP = RBP, then pop RBP (BP with 66) as an SS access."""
-    size = 2 if d.code == "LEAVEW" else 8
+    """LEAVE: RSP = RBP (ESP = EBP with a 32-bit stack), then pop RBP (EBP, BP) as an SS
+    access."""
+    size = _stack_size(d, d.code[5])
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        rbp = cpu.gpr[RBP]
+        mask = cpu.stack_mask
+        rbp = cpu.gpr[RBP] & mask
         value = mem.read(rbp, size, stack=True)
-        cpu.gpr[RSP] = (rbp + size) & MASK64
+        cpu.gpr[RSP] = (rbp + size) & mask
         write_register(cpu, RBP, 0, size, value)
         return next_rip
 
@@ -590,37 +611,41 @@ def _leave(d: Decoded) -> Plan:
 # ---- control transfer ------------------------------------------------------------------------
 
 
-def _target(op: object) -> Callable[[Cpu, LinearMemory, int], int]:
-    """How a near branch finds its target: relative, or a 64-bit register/memory operand."""
+def _target(op: object, d: Decoded) -> Callable[[Cpu, LinearMemory, int], int]:
+    """How a near branch finds its target: relative (RIP wraps at 64 bits, EIP at 32 in
+    compatibility mode), or a register/memory operand of the mode's operand size (64 or 32
+    bits; 16-bit forms are not modelled)."""
+    width = 8 if d.bitness == 64 else 4
     if isinstance(op, Branch):
         offset = op.offset
-        return lambda cpu, mem, rip: (rip + offset) & MASK64
-    src = _gp_slot(op, 8)
-    if src.size != 8:
-        raise _Shape("branch operand is not 64-bit")
+        mask = (1 << (width * 8)) - 1
+        return lambda cpu, mem, rip: (rip + offset) & mask
+    src = _gp_slot(op, width)
+    if src.size != width:
+        raise _Shape(f"branch operand is not {width * 8}-bit")
     return lambda cpu, mem, rip: src.get(cpu, mem, src.locate(cpu, mem, rip, _READ))
 
 
 def _jmp(d: Decoded) -> Plan:
     (a,) = _operands(d, 1)
-    target = _target(a)
+    target = _target(a, d)
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        return _branch_target(target(cpu, mem, rip), d)
+        return _branch_target(cpu, target(cpu, mem, rip), d)
 
     return plan
 
 
 def _jcc(d: Decoded) -> Plan:
     (a,) = _operands(d, 1)
-    target = _target(a)
+    target = _target(a, d)
     cc = _condition(d)
     reads = flags.CONDITION_READS[cc]
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         _require_defined(cpu, reads, d, rip)
         if flags.condition(cc, cpu.rflags):
-            return _branch_target(target(cpu, mem, rip), d)
+            return _branch_target(cpu, target(cpu, mem, rip), d)
         return next_rip
 
     return plan
@@ -628,26 +653,32 @@ def _jcc(d: Decoded) -> Plan:
 
 def _call(d: Decoded) -> Plan:
     """Near CALL: target checked for canonicality before the push; the push of the return
-    address is an SS access. A target in the wrong LASS half faults at the next fetch."""
+    address (8 bytes, 4 in 32-bit code) is an SS access. A target in the wrong LASS half
+    faults at the next fetch."""
     (a,) = _operands(d, 1)
-    target = _target(a)
+    target = _target(a, d)
+    size = -d.stack_increment
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        destination = _branch_target(target(cpu, mem, rip), d)
-        cpu.gpr[RSP] = _push(mem, cpu.gpr[RSP], next_rip, 8)
+        destination = _branch_target(cpu, target(cpu, mem, rip), d)
+        cpu.gpr[RSP] = push(cpu, mem, cpu.gpr[RSP], next_rip, size)
         return destination
 
     return plan
 
 
 def _ret(d: Decoded) -> Plan:
-    """Near RET [imm16]: pop the target (SS access), check it, then release imm16 bytes."""
+    """Near RET [imm16]: pop the target (SS access; 8 bytes, 4 in 32-bit code), check it,
+    then release imm16 bytes."""
     release = d.operands[0].value & 0xFFFF if d.operands and isinstance(d.operands[0], Imm) else 0
+    size = _stack_size(d, d.code[4])
+    if size == 2:
+        raise _Shape("16-bit RET")
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
-        value, rsp = _pop(cpu, mem, 8)
-        destination = _branch_target(value, d)
-        cpu.gpr[RSP] = (rsp + release) & MASK64
+        value, rsp = pop(cpu, mem, size)
+        destination = _branch_target(cpu, value, d)
+        cpu.gpr[RSP] = (rsp + release) & cpu.stack_mask
         return destination
 
     return plan
@@ -660,51 +691,54 @@ def _string(d: Decoded) -> Plan:
     """MOVS/STOS/LODS/CMPS/SCAS, one element per plan run. With REP/REPE/REPNE a run is one
     iteration: RCX = 0 does nothing; otherwise the element, RSI/RDI +- size (DF), RCX - 1, and
     RIP stays on the instruction until RCX = 0 (or ZF ends REPE/REPNE CMPS/SCAS). A fault
-    leaves the completed iterations' effects (SDM Vol. 2 "REP/REPE/REPZ/REPNE/REPNZ")."""
+    leaves the completed iterations' effects (SDM Vol. 2 "REP/REPE/REPZ/REPNE/REPNZ").
+    With a 32-bit address size (0x67, or compatibility mode) ESI/EDI/ECX are used and written
+    as 32-bit registers."""
     family = d.mnemonic[:4]
     strings = [op for op in d.operands if isinstance(op, StringMem)]
     if not strings or len(d.operands) != 2:
         raise _Shape("not the string form")
     size = strings[0].size
+    amask = (1 << strings[0].address_bits) - 1
     source = next((op for op in strings if op.register == 6), None)
-    source_base = segment_base(source.segment) if source else None
     source_stack = source is not None and source.segment == "ss"
+    rsi, rdi = 6, 7
+    src_linear = _string_linear(rsi, "ds" if source is None else source.segment, amask, d)
+    dst_linear = _string_linear(rdi, "es", amask, d)
     compares = family in ("CMPS", "SCAS")
     if d.repne and not compares:
         raise _Shape("REPNE on a non-comparing string instruction")
     repeat = d.rep or d.repne
     bits = size * 8
-    rsi, rdi = 6, 7
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         gpr = cpu.gpr
-        if repeat and gpr[_RCX] == 0:
+        if repeat and gpr[_RCX] & amask == 0:
             return next_rip
         step = -size if cpu.rflags & RFLAGS_DF else size
-        src_address = gpr[rsi] if source_base is None else (gpr[rsi] + source_base(cpu)) & MASK64
         if family == "MOVS":
-            value = mem.read(src_address, size, stack=source_stack)
-            mem.write(gpr[rdi], size, value, stack=False)
+            value = mem.read(src_linear(cpu), size, stack=source_stack)
+            mem.write(dst_linear(cpu), size, value, stack=False)
         elif family == "STOS":
-            mem.write(gpr[rdi], size, gpr[_RAX] & ((1 << bits) - 1), stack=False)
+            mem.write(dst_linear(cpu), size, gpr[_RAX] & ((1 << bits) - 1), stack=False)
         elif family == "LODS":
-            value = mem.read(src_address, size, stack=source_stack)
+            value = mem.read(src_linear(cpu), size, stack=source_stack)
         elif family == "CMPS":
-            left = mem.read(src_address, size, stack=source_stack)
-            right = mem.read(gpr[rdi], size, stack=False)
+            left = mem.read(src_linear(cpu), size, stack=source_stack)
+            right = mem.read(dst_linear(cpu), size, stack=False)
             _set_status(cpu, flags.sub(left, right, 0, bits)[1])
         else:
-            right = mem.read(gpr[rdi], size, stack=False)
+            right = mem.read(dst_linear(cpu), size, stack=False)
             _set_status(cpu, flags.sub(gpr[_RAX] & ((1 << bits) - 1), right, 0, bits)[1])
         if family == "LODS":
             write_register(cpu, _RAX, 0, size, value)
         if family != "STOS" and family != "SCAS":
-            gpr[rsi] = (gpr[rsi] + step) & MASK64
+            gpr[rsi] = (gpr[rsi] + step) & amask
         if family != "LODS":
-            gpr[rdi] = (gpr[rdi] + step) & MASK64
+            gpr[rdi] = (gpr[rdi] + step) & amask
         if not repeat:
             return next_rip
-        gpr[_RCX] = (gpr[_RCX] - 1) & MASK64
+        gpr[_RCX] = (gpr[_RCX] - 1) & amask
         if gpr[_RCX] == 0:
             return next_rip
         if compares and bool(cpu.rflags & RFLAGS_ZF) == d.repne:
@@ -712,6 +746,18 @@ def _string(d: Decoded) -> Plan:
         return rip
 
     return plan
+
+
+def _string_linear(register: int, segment: str, amask: int, d: Decoded) -> Callable[[Cpu], int]:
+    """Linear address of a string operand: segment base + RSI/RDI (ESI/EDI with a 32-bit
+    address size); compatibility mode truncates it to 32 bits (operands.compat_linear)."""
+    if d.bitness == 32:
+        offset = compat_linear(segment, lambda cpu, rip: cpu.gpr[register] & amask)
+        return lambda cpu: offset(cpu, 0)
+    base = segment_base(segment)
+    if base is None:
+        return lambda cpu: cpu.gpr[register] & amask
+    return lambda cpu: ((cpu.gpr[register] & amask) + base(cpu)) & MASK64
 
 
 # ---- flags and system ------------------------------------------------------------------------
@@ -728,6 +774,20 @@ def _flag_op(d: Decoded) -> Plan:
         if privileged and cpu.cpl > 0:
             raise invalid_opcode(f"{name} at CPL {cpu.cpl}")
         cpu.rflags = (cpu.rflags & ~bit) | value
+        return next_rip
+
+    return plan
+
+
+def _interrupt_flag(d: Decoded) -> Plan:
+    """CLI/STI: write IF when CPL <= IOPL, else #GP(0) (CR4.PVI/VME are not supported). STI's
+    one-instruction interrupt shadow is unobservable: the machine has no external interrupts."""
+    value = RFLAGS_IF if d.mnemonic == "STI" else 0
+
+    def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
+        if cpu.cpl > (cpu.rflags & RFLAGS_IOPL) >> 12:
+            raise general_protection(f"{d.mnemonic} at CPL {cpu.cpl} > IOPL")
+        cpu.rflags = (cpu.rflags & ~RFLAGS_IF) | value
         return next_rip
 
     return plan
@@ -818,7 +878,7 @@ _CR0_DEFINED: Final = (
     CR0_PE | CR0_MP | CR0_EM | CR0_TS | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_NW | CR0_CD | CR0_PG
 )
 _CR4_SUPPORTED: Final = (
-    CR4_PSE | CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_SMEP | CR4_SMAP
+    CR4_PSE | CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_LA57 | CR4_SMEP | CR4_SMAP
 )
 
 
@@ -837,6 +897,7 @@ def _mov_cr(d: Decoded, a: object, b: object) -> Plan:
         raise _Shape("MOV CR operands")
     number = cr.number
     index = gpr.index
+    width = gpr.size
 
     def plan(cpu: Cpu, mem: LinearMemory, rip: int, next_rip: int) -> int:
         if cpu.cpl > 0:
@@ -844,9 +905,11 @@ def _mov_cr(d: Decoded, a: object, b: object) -> Plan:
         if number not in (0, 3, 4):
             raise Unsupported(f"{d.describe(rip)}: CR{number} is not modelled")
         if not to_cr:
-            cpu.gpr[index] = (cpu.cr0, 0, 0, cpu.cr3, cpu.cr4)[number]
+            # 32-bit code moves the low halves (SDM MOV-to/from-CR: 32-bit operands outside
+            # 64-bit mode); a 32-bit register write zero-extends.
+            write_register(cpu, index, 0, width, (cpu.cr0, 0, 0, cpu.cr3, cpu.cr4)[number])
             return next_rip
-        value = cpu.gpr[index]
+        value = cpu.gpr[index] & ((1 << (width * 8)) - 1)
         if number == 0:
             problem = cr0_problem(value)
             if problem is not None:
@@ -865,6 +928,9 @@ def _mov_cr(d: Decoded, a: object, b: object) -> Plan:
                 raise general_protection(f"MOV CR4, {value:#x}: reserved bit(s) {bad:#x}")
             if not value & CR4_PAE:
                 raise general_protection("MOV CR4 clearing PAE in IA-32e mode")
+            if (value ^ cpu.cr4) & CR4_LA57:
+                # SDM Vol. 2 MOV CR: changing CR4.LA57 in IA-32e mode is #GP(0).
+                raise general_protection("MOV CR4 changing LA57 in IA-32e mode")
             cpu.cr4 = value
         mem.flush_tlb()
         return next_rip
@@ -908,8 +974,10 @@ _BY_MNEMONIC: Final[dict[str, Callable[[Decoded], Plan]]] = {
     "PUSH": _push_op,
     "POP": _pop_op,
     "PUSHF": _pushf,
+    "PUSHFD": _pushf,
     "PUSHFQ": _pushf,
     "POPF": _popf,
+    "POPFD": _popf,
     "POPFQ": _popf,
     "ENTER": _enter,
     "LEAVE": _leave,
@@ -917,6 +985,7 @@ _BY_MNEMONIC: Final[dict[str, Callable[[Decoded], Plan]]] = {
     "RET": _ret,
     "JMP": _jmp,
     **dict.fromkeys(("CLD", "STD", "STAC", "CLAC"), _flag_op),
+    **dict.fromkeys(("CLI", "STI"), _interrupt_flag),
     **dict.fromkeys(("PREFETCHT0", "PREFETCHT1", "PREFETCHT2", "PREFETCHNTA", "PREFETCHW"), _nop),
     "CLFLUSH": _clflush,
     "CLFLUSHOPT": _clflush,
@@ -925,13 +994,14 @@ _BY_MNEMONIC: Final[dict[str, Callable[[Decoded], Plan]]] = {
     "HLT": _hlt,
     "UD2": _undefined,
     "LOCK": _undefined,
+    **system_instructions.BUILDERS,
 }
 _STRING_FAMILIES: Final = ("MOVS", "STOS", "LODS", "CMPS", "SCAS")
 #: 0x90 (and 66/REX.W 90), 0F 1F /0 and PAUSE (F3 90, a spin-loop hint: SDM "PAUSE");
 #: other 0F 1F / 0F 18 encodings are reserved NOPs, not modelled.
 _NOP_CODES: Final = frozenset({"NOPD", "NOPW", "NOPQ", "NOP_RM16", "NOP_RM32", "NOP_RM64", "PAUSE"})
-#: Far CALL/JMP through memory share the near forms' mnemonics; they are not modelled.
-_EXCLUDED_CODES: Final = frozenset(
+#: Far CALL/JMP through memory share the near forms' mnemonics (system_instructions).
+_FAR_CODES: Final = frozenset(
     {"CALL_M1664", "CALL_M1632", "CALL_M1616", "JMP_M1664", "JMP_M1632", "JMP_M1616"}
 )
 
@@ -940,8 +1010,10 @@ def compile_plan(d: Decoded) -> Plan:
     """The Plan for ``d``; Unsupported (naming the reason) for anything outside the families."""
     if d.code in _NOP_CODES:
         return _nop(d)
-    if d.mnemonic.startswith("J") and d.condition is not None:
-        builder: Callable[[Decoded], Plan] | None = _jcc
+    if d.code in _FAR_CODES:
+        builder: Callable[[Decoded], Plan] | None = system_instructions.far_transfer
+    elif d.mnemonic.startswith("J") and d.condition is not None:
+        builder = _jcc
     elif d.mnemonic.startswith("CMOV"):
         builder = _cmov
     elif d.mnemonic.startswith("SET") and d.condition is not None:
@@ -950,9 +1022,9 @@ def compile_plan(d: Decoded) -> Plan:
         builder = _string
     else:
         builder = _BY_MNEMONIC.get(d.mnemonic)
-    if builder is None or d.code in _EXCLUDED_CODES:
+    if builder is None:
         raise Unsupported("instruction not modelled")
     try:
         return builder(d)
-    except _Shape as shape:
+    except (_Shape, system_instructions.Shape) as shape:
         raise Unsupported(f"form not modelled ({shape})") from None

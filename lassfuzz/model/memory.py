@@ -13,6 +13,7 @@ from typing import Final
 from lassfuzz.arch import MASK64, PAGE_MASK, PAGE_SIZE, VEC_GP, VEC_SS
 from lassfuzz.model.faults import CpuFault
 from lassfuzz.model.lass import Kind, Verdict, check_access
+from lassfuzz.model.observe import Observer
 from lassfuzz.model.paging import Translation, translate
 from lassfuzz.model.physical import PhysicalMemory
 from lassfuzz.model.state import Cpu
@@ -20,32 +21,62 @@ from lassfuzz.outcome import Access
 
 #: The longest x86 instruction (SDM Vol. 2 2.3.11).
 MAX_INSTRUCTION_LENGTH: Final = 15
-_NONCANONICAL_LOW: Final = 0x0000_8000_0000_0000
 
 
-def is_canonical(address: int) -> bool:
-    """48-bit canonical form: bits 63:47 all equal (SDM Vol. 1 3.3.7.1; LA57 off)."""
+def is_canonical(address: int, la57: bool = False) -> bool:
+    """Canonical form (SDM Vol. 1 3.3.7.1): bits 63:47 all equal with 4-level paging, bits
+    63:56 with 5-level paging (CR4.LA57 = 1, SDM Vol. 3A 4.1.1)."""
+    if la57:
+        return (address >> 56) in (0, 0xFF)
     return (address >> 47) in (0, 0x1FFFF)
 
 
+def first_noncanonical(address: int, la57: bool) -> int:
+    """The first non-canonical byte of an access starting at ``address`` whose last byte is
+    not canonical: the start itself, or the first address past the lower canonical half."""
+    if not is_canonical(address, la57):
+        return address
+    return 1 << 56 if la57 else 1 << 47
+
+
 class Location:
-    """A checked data access: linear address, size and its physical pieces (frame, offset, n)."""
+    """A checked data access: linear address, size and its physical pieces (frame, offset, n);
+    ``implicit`` is what the trace records for it (docs/machine.md "Descriptor tables")."""
 
-    __slots__ = ("address", "pieces", "size")
+    __slots__ = ("address", "implicit", "pieces", "size")
 
-    def __init__(self, address: int, size: int, pieces: list[tuple[bytearray, int, int]]) -> None:
+    def __init__(
+        self,
+        address: int,
+        size: int,
+        pieces: list[tuple[bytearray, int, int]],
+        implicit: bool = False,
+    ) -> None:
         self.address = address
         self.size = size
         self.pieces = pieces
+        self.implicit = implicit
 
 
 class LinearMemory:
     """The access path of one run, with the per-instruction pending stores and trace."""
 
-    __slots__ = ("_fetch_pages", "_pending", "_pending_trace", "cpu", "phys", "tlb", "trace")
+    __slots__ = (
+        "_fetch_pages",
+        "_pending",
+        "_pending_trace",
+        "cpu",
+        "observer",
+        "phys",
+        "tlb",
+        "trace",
+    )
 
-    def __init__(self, cpu: Cpu, phys: PhysicalMemory, *, trace: bool) -> None:
+    def __init__(
+        self, cpu: Cpu, phys: PhysicalMemory, *, trace: bool, observer: Observer | None = None
+    ) -> None:
         self.cpu = cpu
+        self.observer = observer
         self.phys = phys
         self.tlb: dict[int, Translation] = {}
         self._fetch_pages: dict[int, bytearray] = {}
@@ -66,18 +97,24 @@ class LinearMemory:
         access = kind.value
         # 1. Canonical: with sizes <= 16 the first and last byte decide (SDM Vol. 1 3.3.7.1).
         last = (address + size - 1) & MASK64
-        if not (is_canonical(address) and is_canonical(last)):
-            bad = address if not is_canonical(address) else _NONCANONICAL_LOW
+        cpu = self.cpu
+        la57 = cpu.la57
+        if not (is_canonical(address, la57) and is_canonical(last, la57)):
+            bad = first_noncanonical(address, la57)
             raise CpuFault(
                 VEC_SS if stack else VEC_GP, 0,
                 f"non-canonical {'stack' if stack else 'data'} access at {bad:#x}",
                 access=access, address=bad,
             )  # fmt: skip
         # 2. LASS, before paging: a violation walks nothing and sets no A/D bit (LASS.md §4).
-        cpu = self.cpu
+        if self.observer is not None:
+            self.observer.access(cpu, address, size, kind, implicit=implicit, stack=stack)
+        # Implicit accesses (GDT/LDT/IDT/TSS) use 64-bit linear addresses in IA-32e mode even
+        # from compatibility mode, where only segment-relative addresses are 32-bit (bit 63 =
+        # 0): docs/machine.md "Modes".
         decision = check_access(
             address, size, kind, implicit=implicit, stack=stack, cpl=cpu.cpl,
-            cr4=cpu.cr4, rflags=cpu.rflags, efer=cpu.efer, cs_l=cpu.cs_l,
+            cr4=cpu.cr4, rflags=cpu.rflags, efer=cpu.efer, cs_l=cpu.cs_l or implicit,
         )  # fmt: skip
         if decision.verdict is Verdict.VIOLATION:
             assert decision.vector is not None
@@ -107,7 +144,7 @@ class LinearMemory:
             (self.phys.frame(physical[linear]), physical[linear] & ~PAGE_MASK, length)
             for linear, length in spans
         ]
-        return Location(address, size, pieces)
+        return Location(address, size, pieces, implicit)
 
     def fetch_page(self, address: int) -> bytearray:
         """Check an instruction fetch from ``address``'s page and return that page's frame.
@@ -120,11 +157,13 @@ class LinearMemory:
         frame = self._fetch_pages.get(key)
         if frame is not None:
             return frame
-        if not is_canonical(address):
+        cpu = self.cpu
+        if not is_canonical(address, cpu.la57):
             raise CpuFault(VEC_GP, 0, f"fetch from non-canonical {address:#x}", access="fetch",
                            address=address)  # fmt: skip
-        cpu = self.cpu
         length = PAGE_SIZE - (address & ~PAGE_MASK)
+        if self.observer is not None:
+            self.observer.access(cpu, address, length, Kind.FETCH, implicit=False, stack=False)
         decision = check_access(
             address, length, Kind.FETCH, implicit=False, stack=False, cpl=cpu.cpl,
             cr4=cpu.cr4, rflags=cpu.rflags, efer=cpu.efer, cs_l=cpu.cs_l,
@@ -139,6 +178,11 @@ class LinearMemory:
         frame = self.phys.frame(physical)
         self._fetch_pages[key] = frame
         return frame
+
+    def privilege_changed(self) -> None:
+        """CPL or CS.L changed (event delivery, IRETQ, SYSCALL/SYSRET): the cached fetch checks
+        depend on both, the cached translations on neither."""
+        self._fetch_pages.clear()
 
     def flush_tlb(self) -> None:
         """MOV CR0/CR3/CR4 and INVLPG invalidate cached translations (docs/machine.md)."""
@@ -156,7 +200,9 @@ class LinearMemory:
         else:
             value = int.from_bytes(b"".join(self._forwarded(piece) for piece in pieces), "little")
         if self.trace is not None:
-            self._pending_trace.append(Access("read", location.address, location.size, value))
+            self._pending_trace.append(
+                Access("read", location.address, location.size, value, location.implicit)
+            )
         return value
 
     def _forwarded(self, piece: tuple[bytearray, int, int]) -> bytes:
@@ -182,7 +228,9 @@ class LinearMemory:
             self._pending.append((frame, offset, data[start : start + length]))
             start += length
         if self.trace is not None:
-            self._pending_trace.append(Access("write", location.address, location.size, value))
+            self._pending_trace.append(
+                Access("write", location.address, location.size, value, location.implicit)
+            )
 
     def read(self, address: int, size: int, *, stack: bool) -> int:
         return self.load(self.locate(address, size, Kind.READ, stack=stack))

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from lassfuzz.arch import MASK64
+from lassfuzz.arch import MASK64, RSP
 from lassfuzz.model.decode import Imm, Mem, Operand, Reg
-from lassfuzz.model.faults import Unsupported
+from lassfuzz.model.faults import Unsupported, general_protection
 from lassfuzz.model.lass import Kind
 from lassfuzz.model.memory import LinearMemory, Location
-from lassfuzz.model.state import Cpu
+from lassfuzz.model.state import CS, MASK32, SEGMENT_INDEX, SS, Cpu
 
 #: (cpu, rip of the instruction) -> address.
 AddressFunction = Callable[[Cpu, int], int]
@@ -55,12 +55,59 @@ def segment_base(segment: str) -> Callable[[Cpu], int] | None:
 
 
 def linear_address(m: Mem) -> AddressFunction:
-    """Effective address plus segment base (wrapping modulo 2^64)."""
+    """Effective address plus segment base, wrapping modulo 2^64; in compatibility mode
+    modulo 2^32, through a usable segment (docs/machine.md "Modes")."""
     offset = effective_address(m)
     base = segment_base(m.segment)
+    if m.linear_bits == 32:
+        return compat_linear(m.segment, offset)
     if base is None:
         return offset
     return lambda cpu, rip: (offset(cpu, rip) + base(cpu)) & MASK64
+
+
+def compat_linear(segment: str, offset: AddressFunction) -> AddressFunction:
+    """Compatibility-mode linear address: (base + offset) mod 2^32, where every segment is
+    flat except that FS/GS use ``fs_base``/``gs_base`` (docs/machine.md). A reference through
+    a null DS/ES/FS/GS is #GP(0) (SDM Vol. 3A 3.4.2); code segments are not writable, so the
+    CS: override (which the flat model cannot check for reads and writes alike) is not
+    modelled."""
+    if segment == "cs":
+        raise Unsupported("CS segment override in compatibility mode")
+    index = SEGMENT_INDEX[segment]
+    base = segment_base(segment)
+
+    def address(cpu: Cpu, rip: int) -> int:
+        check_usable(cpu, index)
+        linear = offset(cpu, rip)
+        return (linear + base(cpu)) & MASK32 if base is not None else linear & MASK32
+
+    return address
+
+
+def check_usable(cpu: Cpu, index: int) -> None:
+    """#GP(0) for a memory reference through a null data-segment selector outside 64-bit
+    mode (SDM Vol. 3A 3.4.2: "null segment checking"); without descriptor tables every
+    segment is flat and usable."""
+    system = cpu.system
+    if system is not None and index not in (CS, SS) and not system.selectors[index] & 0xFFFC:
+        raise general_protection("memory reference through a null segment selector")
+
+
+def push(cpu: Cpu, mem: LinearMemory, rsp: int, value: int, size: int) -> int:
+    """Store ``value`` below ``rsp`` as an SS access; the new RSP (the caller writes it).
+    The stack pointer wraps at the stack-address size (64 bits, or 32 with SS.B = 1 in
+    compatibility mode: SDM Vol. 1 6.2.3)."""
+    rsp = (rsp - size) & cpu.stack_mask
+    mem.store(mem.locate(rsp, size, Kind.WRITE, stack=True), value & ((1 << (size * 8)) - 1))
+    return rsp
+
+
+def pop(cpu: Cpu, mem: LinearMemory, size: int) -> tuple[int, int]:
+    """Read ``size`` bytes at RSP as an SS access: (value, new RSP not yet written)."""
+    mask = cpu.stack_mask
+    rsp = cpu.gpr[RSP] & mask
+    return mem.read(rsp, size, stack=True), (rsp + size) & mask
 
 
 class Slot(Protocol):

@@ -1,4 +1,4 @@
-"""4-level paging: the walk, Accessed/Dirty updates and #PF error codes (SDM Vol. 3A 4.5-4.7,
+"""4- and 5-level paging: the walk, Accessed/Dirty updates and #PF error codes (SDM Vol. 3A 4.5-4.7,
 docs/machine.md "Paging details").
 
 The walk is split in two: :func:`walk` finds the leaf (setting non-leaf Accessed bits) and is
@@ -14,6 +14,7 @@ from typing import Final
 
 from lassfuzz.arch import (
     CR0_WP,
+    CR4_LA57,
     CR4_SMAP,
     CR4_SMEP,
     EFER_NXE,
@@ -38,6 +39,8 @@ from lassfuzz.model.faults import CpuFault, Unsupported
 from lassfuzz.model.physical import PhysicalMemory
 
 _LEVELS: Final = ((39, "PML4E"), (30, "PDPTE"), (21, "PDE"), (12, "PTE"))
+#: 5-level paging adds the PML5 above the PML4 (SDM Vol. 3A 4.5.1, CR4.LA57 = 1).
+_LEVELS57: Final = ((48, "PML5E"), *_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,18 @@ class _WalkFault(Exception):
         self.reason = reason
 
 
-def walk(phys: PhysicalMemory, cr3: int, page: int, efer: int) -> Translation:
-    """Walk the 4-level tables for linear ``page``; sets the A bit of each present non-leaf
-    entry in order, even when a later level faults (docs/machine.md "Paging details")."""
+def walk(
+    phys: PhysicalMemory, cr3: int, page: int, efer: int, *, la57: bool = False, mark: bool = True
+) -> Translation:
+    """Walk the 4-level (5-level with ``la57``) tables for linear ``page``; sets the A bit of
+    each present non-leaf entry in order, even when a later level faults (docs/machine.md
+    "Paging details"). ``mark=False`` walks without writing anything: the trusted reads of the
+    initial descriptor tables (docs/machine.md "Descriptor tables", Start)."""
     table = cr3 & PTE_ADDR
     user = writable = True
     nx = False
     entry_address = table
-    for shift, name in _LEVELS:
+    for shift, name in _LEVELS57 if la57 else _LEVELS:
         entry_address = table + ((page >> shift) & 0x1FF) * 8
         entry = phys.read_u64(entry_address)
         if not entry & PTE_P:
@@ -81,7 +88,7 @@ def walk(phys: PhysicalMemory, cr3: int, page: int, efer: int) -> Translation:
         user = user and bool(entry & PTE_US)
         writable = writable and bool(entry & PTE_RW)
         nx = nx or bool(entry & PTE_NX)
-        if shift != 12 and not entry & PTE_A:
+        if mark and shift != 12 and not entry & PTE_A:
             phys.write_u64(entry_address, entry | PTE_A)
         table = entry & PTE_ADDR
     phys.frame(table)  # a leaf pointing outside the image is unsupported, not a fault
@@ -143,7 +150,7 @@ def translate(
     reason = None
     if t is None:
         try:
-            t = walk(phys, cr3, page, efer)
+            t = walk(phys, cr3, page, efer, la57=bool(cr4 & CR4_LA57))
         except _WalkFault as fault:
             error = fault.error_bits
             reason = fault.reason
@@ -171,3 +178,16 @@ def translate(
         error |= PFEC_I
     access = "fetch" if fetch else "write" if write else "read"
     raise CpuFault(VEC_PF, error, f"#PF: {reason}", cr2=linear, access=access, address=linear)
+
+
+def peek(phys: PhysicalMemory, cr3: int, linear: int, efer: int, *, la57: bool) -> int | None:
+    """Physical address of ``linear`` by a walk that writes nothing and checks no rights, or
+    None if it is not mapped: how the initial descriptor tables are read (a trusted boot,
+    docs/machine.md "Descriptor tables")."""
+    try:
+        t = walk(phys, cr3, linear & PAGE_MASK, efer, la57=la57, mark=False)
+    except _WalkFault:
+        return None
+    if not phys.read_u64(t.leaf) & PTE_P:
+        return None
+    return t.frame | (linear & ~PAGE_MASK)

@@ -18,6 +18,15 @@ def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path
     assert sorted(os.listdir(target.parent)) == ["stats.json"]
 
 
+def test_write_atomic_gives_the_permissions_open_would(tmp_path: Path) -> None:
+    # mkstemp creates 0600 files; a report or crash file must be readable like any other file.
+    # The module reads the umask once, at import: compare with the process umask.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_atomic(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_write_atomic_interrupted_keeps_old_content(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

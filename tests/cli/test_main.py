@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,11 @@ from lassfuzz.cli.main import main, parse_duration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m lassfuzz`` as a user would (separate process, real exit code)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lassfuzz", *args],
         capture_output=True,
@@ -27,6 +31,12 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         timeout=600,
         check=False,
     )
+
+
+def first_example(out: Path) -> Path:
+    """The first example of the campaign's only bucket."""
+    (bucket,) = (out / "crashes").iterdir()
+    return bucket / f"crash-{bucket.name}.json"
 
 
 def test_parse_duration_units() -> None:
@@ -98,18 +108,19 @@ def test_policy_none_campaign_finds_repro_minimizes_and_shows(tmp_path: Path) ->
     assert fuzz.returncode == 1, fuzz.stdout + fuzz.stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["divergences"] >= 1 and stats["unique_signatures"] == 1
-    (crash,) = sorted((out / "crashes").glob("crash-*.json"))
+    crash = first_example(out)
     document = json.loads(crash.read_text())
     assert document["class"] == "lass"
     assert document["versions"]["policy"] == "none"
-    assert crash.name == f"crash-{document['signature']['id']}.json"
+    assert crash.parent.name == document["signature"]["id"]
 
     assert run_cli("repro", str(crash), "--policy", "none").returncode == 1
     assert run_cli("repro", str(crash)).returncode == 0
 
     minimized = run_cli("minimize", str(crash), "--policy", "none")
     assert minimized.returncode == 1, minimized.stderr
-    (small,) = sorted((out / "crashes").glob("crash-*.min.json"))
+    (small,) = sorted((out / "crashes").glob("*/crash-*.min.json"))
+    assert small.parent == crash.parent
     small_doc = json.loads(small.read_text())
     assert small_doc["signature"] == document["signature"]
     from lassfuzz.campaign.files import load_file
@@ -131,7 +142,7 @@ def test_default_policy_short_campaign_writes_stats(tmp_path: Path) -> None:
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["cases"] == 300 and stats["final"] is True
     assert stats["compared"] > 150, stats
-    assert stats["divergences_by_class"].get("lass", 0) == 0, stats["signatures"]
+    assert stats["divergences_by_class"].get("lass", 0) == 0, stats
     assert "cases/s" in result.stdout
 
 
@@ -151,8 +162,100 @@ def test_trace_mode_is_recorded_and_replayed(tmp_path: Path) -> None:
         "7",
     )
     assert fuzz.returncode == 1, fuzz.stderr
-    (crash,) = sorted((out / "crashes").glob("crash-*.json"))
+    crash = first_example(out)
     document = json.loads(crash.read_text())
     assert document["trace"] is True
     assert document["reference"]["trace"] is not None and document["emulator"]["trace"] is not None
     assert run_cli("repro", str(crash), "--policy", "none").returncode == 1
+
+
+def read_stats(out: Path) -> dict[str, object]:
+    document: dict[str, object] = json.loads((out / "stats.json").read_text())
+    return document
+
+
+@pytest.mark.slow
+def test_fuzz_survives_a_native_crash_and_a_hang(tmp_path: Path) -> None:
+    """Issue 5 acceptance: os.abort() in one case and an endless case; the campaign goes on."""
+    from tests.campaign.faulty_policies import MISBEHAVE, consulted
+
+    found = consulted(seed=1, count=600)
+    abort_at, hang_at = found[len(found) // 4], found[-10]
+    out = tmp_path / "run"
+    result = run_cli(
+        "fuzz", "--jobs", "2", "--cases", str(hang_at + 400), "--timeout", "2",
+        "--policy", MISBEHAVE, "--out", str(out),
+        env={"LASSFUZZ_TEST_ABORT_AT": str(abort_at), "LASSFUZZ_TEST_HANG_AT": str(hang_at)},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # a tool crash is a finding
+    stats = read_stats(out)
+    assert stats["cases"] == stats["next_index"] == hang_at + 400
+    assert stats["divergences_by_class"]["tool-crash"] == 1  # type: ignore[index]
+    assert stats["hangs"] == 1 and stats["worker_restarts"] == 2 and stats["final"] is True
+    (bucket,) = [
+        json.loads(path.read_text())
+        for path in (out / "crashes").glob("*/bucket.json")
+        if json.loads(path.read_text())["class"] == "tool-crash"
+    ]
+    assert bucket["first_index"] == abort_at and "SIGABRT" in bucket["summary"]
+    assert (out / "hangs" / f"hang-{hang_at}.json").exists()
+    assert "tool-crash divergences: 1 (1 unique)" in result.stdout
+
+
+@pytest.mark.slow
+def test_sigint_stops_quickly_and_resume_continues(tmp_path: Path) -> None:
+    """Issue 5 acceptance: SIGINT mid-campaign exits within 5 s with final statistics and no
+    temporary files; --resume continues from next_index and counts every case once."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lassfuzz", "fuzz", "--jobs", "2", "--duration", "300"]
+    process = subprocess.Popen(
+        [*command, "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (out / "stats.json").exists() and read_stats(out)["cases"]:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the campaign wrote no statistics within 120 s")
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        process.wait(timeout=30)
+        assert time.monotonic() - sent < 5
+    finally:
+        process.kill()
+        process.communicate()
+    stats = read_stats(out)
+    assert stats["final"] is True and stats["cases"]
+    assert not list(out.rglob("*.tmp"))
+    target = int(stats["next_index"]) + 300  # type: ignore[call-overload]
+    resumed = run_cli("fuzz", "--resume", "--cases", str(target), "--out", str(out))
+    assert resumed.returncode in (0, 1), resumed.stderr
+    final = read_stats(out)
+    assert final["next_index"] == final["cases"] == target
+    assert final["started"] == stats["started"]
+
+
+@pytest.mark.slow
+def test_jobs_do_not_change_what_is_found(tmp_path: Path) -> None:
+    """Issue 5 acceptance: the same seed finds the same buckets and coverage with 1 or 2 jobs."""
+
+    def campaign(jobs: str) -> tuple[object, ...]:
+        out = tmp_path / f"jobs{jobs}"
+        result = run_cli(
+            "fuzz", "--jobs", jobs, "--cases", "2200", "--seed", "5", "--policy", "none",
+            "--out", str(out),
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        stats = read_stats(out)
+        buckets = {
+            path.parent.name: json.loads(path.read_text())["count"]
+            for path in (out / "crashes").glob("*/bucket.json")
+        }
+        coverage = json.loads((out / "coverage.json").read_text())
+        counts = [stats[key] for key in ("cases", "compared", "skipped", "divergences")]
+        return counts, buckets, coverage
+
+    assert campaign("1") == campaign("2")

@@ -32,6 +32,7 @@ from tests.emulator.cases import (
     kernel_page,
     user_page,
 )
+from tests.emulator.system_cases import SUPERVISOR, system_case
 
 TOP_PAGE = 0xFFFF_FFFF_FFFF_F000
 
@@ -397,3 +398,25 @@ def test_wrapping_rmw_is_a_write_on_page_zero_first(machine: UnicornMachine) -> 
     outcome = machine.run(case("ff03", cpl=0, cr4=CR4_PAE, pages=pages, rbx=MASK64))
     assert fault_of(outcome) == (VEC_PF, 0x3, 0xFFFF_FFFF_8000_0000)
     assert outcome.fault is not None and outcome.fault.cr2 == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "registers"),
+    [
+        ("9c 59", {}),  # pushfq; pop rcx
+        ("f3a4", {"rcx": 3, "rsi": SUPERVISOR + 0x4000, "rdi": SUPERVISOR + 0x4800}),
+    ],
+    ids=["pushfq", "rep-movsb"],
+)
+def test_flags_survive_a_fill_inside_a_hooked_instruction(
+    machine: UnicornMachine, code: str, registers: dict[str, int]
+) -> None:
+    # System cases hook every instruction; PUSHF and REP string instructions store QEMU's
+    # CC_OP before their access, which Unicorn's restore before the fill used to undo
+    # (cmp rax, -0x4f sets CF, and CF was lost). _repair_restored_flags puts it back.
+    test_case = system_case("4883f8b1" + code.replace(" ", ""), cpl=0, **registers)
+    outcome = machine.run(test_case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert outcome.registers is not None and outcome.registers.rflags == 0x13
+    if code.startswith("9c"):
+        assert outcome.registers.gprs[1] == 0x13

@@ -14,9 +14,11 @@ def test_unknown_keys_are_rejected_by_name() -> None:
 
 
 def test_from_dict_round_trips_changed_fields() -> None:
-    config = GeneratorConfig.from_dict({"max_instructions": 4, "groups": {"mov": 2, "alu": 1}})
-    assert config.max_instructions == 4
-    assert config.groups == (("mov", 2), ("alu", 1))
+    config = GeneratorConfig.from_dict(
+        {"max_instructions": 4, "p_compat": 1.0, "groups": {"mov": 2, "alu": 1, "sreg": 3}}
+    )
+    assert config.max_instructions == 4 and config.p_compat == 1.0
+    assert config.groups == (("mov", 2), ("alu", 1), ("sreg", 3))
     assert GeneratorConfig.from_dict(config.to_dict()) == config
     assert GeneratorConfig().to_dict() == {}
 
@@ -29,6 +31,9 @@ def test_from_dict_round_trips_changed_fields() -> None:
         ({"max_instructions": "8"}, "not an integer"),
         ({"p_smap": 1.5}, "p_smap"),
         ({"p_ac": True}, "p_ac"),
+        ({"p_compat": -0.1}, "p_compat"),
+        ({"p_system": "0.5"}, "p_system"),
+        ({"p_la57": 2}, "p_la57"),
         ({"groups": {"mov": 1, "frobnicate": 2}}, "frobnicate"),
         ({"groups": {"mov": 0}}, "positive weight"),
         ({"groups": {"mov": -1}}, "non-negative"),
@@ -46,6 +51,6 @@ def test_only_terminal_groups_is_an_error_at_generation() -> None:
 
 
 def test_default_groups_cover_every_builder() -> None:
-    from lassfuzz.generator.instructions import BUILDERS
+    from lassfuzz.generator.generate import ALL_BUILDERS
 
-    assert set(GROUPS) == set(BUILDERS)
+    assert set(GROUPS) == set(ALL_BUILDERS)

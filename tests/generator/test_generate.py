@@ -14,6 +14,7 @@ from lassfuzz.arch import (
     CR4_LASS,
     CR4_SMAP,
     CR4_SMEP,
+    EFER_SCE,
     GPR_NAMES,
     MASK64,
     PAGE_SIZE,
@@ -41,8 +42,12 @@ def sample() -> list[TestCase]:
     return [generate_case(2024, index) for index in range(SAMPLE)]
 
 
+def bits(case: TestCase) -> int:
+    return 32 if case.state.mode == "compat" else 64
+
+
 def decode(case: TestCase) -> Iterator[Instruction]:
-    yield from Decoder(64, case.code, ip=case.code_address)
+    yield from Decoder(bits(case), case.code, ip=case.code_address)
 
 
 def test_same_seed_and_index_give_the_same_case() -> None:
@@ -101,7 +106,7 @@ def test_states_stay_within_the_supported_machine(sample: list[TestCase]) -> Non
     for case in sample:
         state = case.state
         assert state.cr0 | CR0_WP == DEFAULT_CR0 and not state.cr0 & CR0_AM
-        assert state.efer == DEFAULT_EFER
+        assert state.efer == DEFAULT_EFER | (EFER_SCE if state.system else 0)
         assert not state.rflags & RFLAGS_TF
         if not state.lass_supported:
             assert not state.cr4 & CR4_LASS
@@ -111,7 +116,11 @@ def test_state_distribution(sample: list[TestCase]) -> None:
     def values(key: object) -> set[object]:
         return {key(case.state) for case in sample}  # type: ignore[operator]
 
-    assert values(lambda s: s.cpl) == {0, 3}
+    assert values(lambda s: s.cpl) == {0, 1, 2, 3}
+    assert values(lambda s: s.mode) == {"64", "compat"}
+    assert values(lambda s: s.la57) == {False, True}
+    assert values(lambda s: s.system is None) == {False, True}
+    assert values(lambda s: bool(s.system and s.system.sfmask & RFLAGS_AC)) == {False, True}
     assert values(lambda s: bool(s.cr4 & CR4_LASS)) == {False, True}
     assert values(lambda s: bool(s.cr4 & CR4_SMAP)) == {False, True}
     assert values(lambda s: bool(s.cr4 & CR4_SMEP)) == {False, True}
@@ -131,23 +140,28 @@ def test_boundary_pages_and_user_bits_vary(sample: list[TestCase]) -> None:
 def effective_addresses(case: TestCase) -> set[int]:
     """Effective addresses of the explicit memory operands whose registers the case fixes."""
     state = case.state
-    values = {_GPR[name]: value for name, value in zip(GPR_NAMES, state.gprs, strict=True)}
+    names = _GPR if bits(case) == 64 else _GPR32
+    values = {names[name]: value for name, value in zip(GPR_NAMES, state.gprs, strict=True)}
     values[Register.NONE] = 0
     segment_bases = {Register.FS: state.fs_base, Register.GS: state.gs_base}
     addresses = set()
     for instruction in decode(case):
         if not any(
             instruction.op_kind(n) == OpKind.MEMORY for n in range(instruction.op_count)
-        ) or instruction.memory_base in (Register.RSP, Register.RBP, Register.RIP):
+        ) or instruction.memory_base in (Register.RSP, Register.RBP, Register.RIP, *_STACK32):
             continue
         address = values[instruction.memory_base] + instruction.memory_displacement
         address += values[instruction.memory_index] * instruction.memory_index_scale
         address += segment_bases.get(instruction.segment_prefix, 0)
-        addresses.add(address & MASK64)
+        addresses.add(address & (MASK64 if bits(case) == 64 else 0xFFFF_FFFF))
     return addresses
 
 
 _GPR = {name: getattr(Register, name.upper()) for name in GPR_NAMES}
+_GPR32 = {name: getattr(Register, f"E{name[1:].upper()}") for name in GPR_NAMES[:8]} | {
+    name: getattr(Register, f"{name.upper()}D") for name in GPR_NAMES[8:]
+}
+_STACK32 = (Register.ESP, Register.EBP)
 
 
 def test_memory_operands_hit_boundaries_and_the_wrap(sample: list[TestCase]) -> None:

@@ -7,7 +7,15 @@ from collections.abc import Iterable, Mapping
 from iced_x86 import BlockEncoder, Instruction
 
 from lassfuzz.arch import CR4_LASS, CR4_PAE, CR4_SMAP, CR4_SMEP, GPR_NAMES, PAGE_SIZE, RFLAGS_FIXED1
-from lassfuzz.case import DEFAULT_CODE_ADDRESS, Page, State, TestCase, materialize
+from lassfuzz.case import (
+    COMPAT_CODE_ADDRESS,
+    DEFAULT_CODE_ADDRESS,
+    Page,
+    State,
+    System,
+    TestCase,
+    materialize,
+)
 from lassfuzz.model.engine import ReferenceModel
 from lassfuzz.outcome import Outcome
 
@@ -19,9 +27,9 @@ USER_STACK = 0x0000_0000_0070_0000
 KERNEL_STACK = 0xFFFF_C900_0000_0000
 
 
-def encode(*instructions: Instruction, address: int) -> bytes:
+def encode(*instructions: Instruction, address: int, bitness: int = 64) -> bytes:
     """Encode iced ``Instruction.create*`` objects at ``address``."""
-    encoder = BlockEncoder(64)
+    encoder = BlockEncoder(bitness)
     encoder.add_many(list(instructions))
     return bytes(encoder.encode(address))
 
@@ -35,10 +43,11 @@ def make_case(
     rflags: int = RFLAGS_FIXED1,
     cr4: int = LASS_CR4,
     code_address: int | None = None,
-    **state: int | bool,
+    **state: int | bool | str | System | None,
 ) -> TestCase:
     """A case with ``code`` (hex string, bytes or iced instructions) at the default address."""
-    address = DEFAULT_CODE_ADDRESS[cpl] if code_address is None else code_address
+    default = COMPAT_CODE_ADDRESS if state.get("mode") == "compat" else DEFAULT_CODE_ADDRESS[cpl]
+    address = default if code_address is None else code_address
     if isinstance(code, str):
         raw = bytes.fromhex(code)
     elif isinstance(code, bytes):

@@ -89,6 +89,8 @@ def test_truncated_and_rejected_bytes(decoder: InstructionDecoder) -> None:
         decoder.decode(bytes.fromhex("c5f858c1"))
     with pytest.raises(Unsupported, match="undecodable"):
         decoder.decode(bytes.fromhex("0f04") + bytes(13))
-    with pytest.raises(Unsupported, match="32-bit addresses"):
-        decoder.decode(bytes.fromhex("67a4"))
+    with pytest.raises(Unsupported, match="16-bit addresses"):
+        decoder.decode(bytes.fromhex("67a4"), 32)
+    with pytest.raises(Unsupported, match="16-bit addressing"):
+        decoder.decode(bytes.fromhex("67 8b07"), 32)
     assert decoder.decode(bytes.fromhex("f001c0")).code == "INVALID_LOCK"

@@ -6,6 +6,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lassfuzz.arch import (
     CR0_AM,
@@ -28,6 +30,7 @@ from lassfuzz.outcome import Status
 from tests.model.builders import (
     KERNEL_DATA,
     KERNEL_STACK,
+    LASS_CR4,
     USER_DATA,
     USER_STACK,
     leaf_entry,
@@ -102,7 +105,7 @@ def test_unsupported_instruction_is_named(code: str, name: str) -> None:
     ("state", "words"),
     [
         ({"cr0": DEFAULT_CR0 | CR0_AM}, "AM"),
-        ({"cr4": CR4_PAE | CR4_LA57}, "CR4"),
+        ({"cr4": CR4_PAE | 1 << 11}, "CR4"),  # UMIP
         ({"cr4": CR4_PAE | CR4_LASS, "lass_supported": False}, "CR4"),
         ({"rflags": RFLAGS_FIXED1 | RFLAGS_TF}, "TF"),
         ({"rflags": 0}, "reserved"),
@@ -341,3 +344,225 @@ def test_stac_lifts_smap_and_lass_for_explicit_accesses() -> None:
     assert not reg(allowed, "rflags") & RFLAGS_AC
     user = run(make_case("0f01cb", cpl=3))
     assert user.fault is not None and user.fault.vector == VEC_UD
+
+
+# ---- CPL 1 and 2, LA57 (docs/machine.md "Modes, CPLs, LA57") --------------------------------
+
+
+@pytest.mark.parametrize("cpl", [1, 2])
+def test_cpl1_and_cpl2_are_supervisor_for_lass(cpl: int) -> None:
+    read_user = make_case("8b03", cpl=cpl, regs={"rbx": USER_DATA}, pages=[user_page()])
+    outcome = run(read_user)
+    assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    assert "rule 4" in outcome.detail
+    lifted = run(
+        replace(read_user, state=replace(read_user.state, rflags=RFLAGS_FIXED1 | RFLAGS_AC))
+    )
+    assert lifted.status is Status.COMPLETED
+    # Paging treats CPL 1/2 as supervisor too: a supervisor page is readable.
+    kernel = run(make_case("8b03", cpl=cpl, regs={"rbx": KERNEL_DATA}, pages=[kernel_page()]))
+    assert kernel.status is Status.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("code", "vector"),
+    [("0f01cb", VEC_UD), ("0f01ca", VEC_UD), ("0f20e0", VEC_GP), ("f4", VEC_GP)],
+    ids=["stac", "clac", "mov-from-cr4", "hlt"],
+)
+@pytest.mark.parametrize("cpl", [1, 2])
+def test_privileged_instructions_at_cpl1_and_cpl2(code: str, vector: int, cpl: int) -> None:
+    outcome = run(make_case(code, cpl=cpl))
+    assert outcome.fault is not None and outcome.fault.vector == vector
+
+
+@pytest.mark.parametrize("cpl", [1, 2])
+def test_popf_at_cpl1_and_cpl2_keeps_iopl(cpl: int) -> None:
+    stack = KERNEL_STACK + 0x800
+    image = (RFLAGS_FIXED1 | 0x3000 | RFLAGS_AC).to_bytes(8, "little")  # IOPL 3, AC
+    case = make_case(
+        "9d", cpl=cpl, regs={"rsp": stack}, pages=[kernel_page(KERNEL_STACK, bytes(0x800) + image)]
+    )
+    outcome = run(case)
+    assert reg(outcome, "rflags") == RFLAGS_FIXED1 | RFLAGS_AC
+
+
+LA57_CR4 = CR4_PAE | CR4_LA57 | CR4_SMAP | CR4_LASS
+#: Canonical only with 5-level paging.
+HIGH57 = 0xFF00_0000_0000_0000
+LOW57 = 0x0080_0000_0000_0000
+
+
+def test_la57_runs_code_and_data_beyond_48_bits() -> None:
+    case = make_case(
+        "8b03", regs={"rbx": HIGH57}, cr4=LA57_CR4, code_address=HIGH57 + 0x1000,
+        pages=[kernel_page(HIGH57, (0x1234).to_bytes(4, "little"))],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert reg(outcome, "rax") == 0x1234
+
+
+@pytest.mark.parametrize(("cr4", "name"), [(LASS_CR4, "#GP(0)"), (LA57_CR4, "#PF(0x0)")])
+def test_canonical_boundary_moves_with_la57(cr4: int, name: str) -> None:
+    # A CPL0 read of an unmapped 57-bit user-half address with SMAP off: non-canonical with
+    # 4-level paging, a plain #PF with 5-level paging (LASS does not change: bit 63 = 0).
+    outcome = run(make_case("8b03", regs={"rbx": LOW57}, cr4=cr4 & ~CR4_SMAP))
+    assert outcome.fault is not None and outcome.fault.name == name
+
+
+def test_la57_lass_still_splits_at_bit_63() -> None:
+    outcome = run(make_case("8b03", cpl=3, regs={"rbx": HIGH57}, cr4=LA57_CR4))
+    assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    assert "rule 1" in outcome.detail
+
+
+@pytest.mark.parametrize("la57", [False, True])
+def test_mov_cr4_changing_la57_is_gp(la57: bool) -> None:
+    cr4 = LA57_CR4 if la57 else LASS_CR4
+    case = make_case("0f22e0", regs={"rax": cr4 ^ CR4_LA57}, cr4=cr4)  # mov cr4, rax
+    outcome = run(case)
+    assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    assert reg(outcome, "cr4") == cr4
+
+
+# ---- compatibility mode (docs/machine.md "Modes, CPLs, LA57") ---------------------------------
+
+COMPAT_DATA = 0x0060_0000
+COMPAT_STACK = 0x0070_0000
+
+
+def test_compat_mode_decodes_32_bit_code_with_4_byte_stack() -> None:
+    # inc eax (40); push eax; call +0; pop ecx; pop edx; push 0x11223344; ret (pops 4 bytes)
+    code = "40 50 e800000000 59 5a 6844332211 c3"
+    regs = {"rax": 0xFFFF_FFFF_0000_0001, "rsp": COMPAT_STACK + 0x100}
+    case = make_case(code, cpl=3, mode="compat", regs=regs, pages=[user_page(COMPAT_STACK)])
+    outcome = run(case)
+    assert outcome.status is Status.FAULT  # ret to 0x11223344: unmapped
+    assert outcome.fault is not None and outcome.fault.name == "#PF(0x14)"
+    assert reg(outcome, "rip") == 0x11223344
+    assert reg(outcome, "rax") == 2  # a 32-bit write zero-extends
+    assert reg(outcome, "rcx") == case.code_address + 7  # the return address, 4 bytes
+    assert reg(outcome, "rdx") == 2
+    assert reg(outcome, "rsp") == COMPAT_STACK + 0x100
+    assert [(a.kind, a.size) for a in outcome.trace or ()][:2] == [("write", 4), ("write", 4)]
+
+
+def test_compat_mode_addresses_wrap_at_4_gib() -> None:
+    # mov eax, [ebx + 0x10] with EBX = 0xFFFFFFF8: the offset wraps to 8.
+    case = make_case(
+        "8b4310", cpl=3, mode="compat", regs={"rbx": 0xFFFF_FFF8},
+        pages=[user_page(0, bytes(8) + (0x55).to_bytes(4, "little"))],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert reg(outcome, "rax") == 0x55
+
+
+@pytest.mark.parametrize("cpl", [0, 1, 2])
+def test_compat_mode_supervisor_fetch_faults_with_lass_on(cpl: int) -> None:
+    case = make_case("90", cpl=cpl, mode="compat")
+    outcome = run(case)
+    assert outcome.status is Status.FAULT
+    assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    assert outcome.fault.rip == case.code_address
+    assert "rule 3" in outcome.detail
+    lass_off = run(make_case("90", cpl=cpl, mode="compat", cr4=CR4_PAE | CR4_SMAP))
+    assert lass_off.status is Status.COMPLETED
+
+
+def test_turning_lass_on_while_running_user_half_code_at_cpl0_faults_the_next_fetch() -> None:
+    # mov cr4, rax (LASS on) at CPL0 in the user half: the MOV completes, the next fetch is a
+    # supervisor fetch from the user half (LASS.md §8 item 7).
+    code_address = 0x0000_0000_0040_0000
+    case = make_case(
+        "0f22e0 90", regs={"rax": LASS_CR4}, cr4=LASS_CR4 & ~CR4_LASS, code_address=code_address,
+        pages=[Page(code_address, user=False, writable=False)],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    assert outcome.fault.rip == code_address + 3
+    assert reg(outcome, "cr4") == LASS_CR4
+    assert "rule 3" in outcome.detail
+
+
+def test_compat_mode_rep_movsd_uses_esi_edi_ecx() -> None:
+    source = bytes(range(16))
+    case = make_case(
+        "f3a5", cpl=3, mode="compat",
+        regs={"rsi": COMPAT_DATA, "rdi": COMPAT_DATA + 0x100, "rcx": 0xFFFF_FFFF_0000_0002},
+        pages=[user_page(COMPAT_DATA, source)],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert linear_bytes(case, outcome, COMPAT_DATA + 0x100, 8) == source[:8]
+    assert (reg(outcome, "rcx"), reg(outcome, "rsi")) == (0, COMPAT_DATA + 8)
+
+
+def test_address_size_prefix_in_64_bit_mode_uses_esi_and_edi() -> None:
+    # 67 a4 (movsb with 32-bit addresses): RSI's upper half is ignored and cleared.
+    case = make_case(
+        "67a4", cpl=3, regs={"rsi": 0x1234_5678_0000_0000 | USER_DATA, "rdi": USER_DATA + 1},
+        pages=[user_page(USER_DATA, b"\x5a")],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert linear_bytes(case, outcome, USER_DATA + 1, 1) == b"\x5a"
+    assert reg(outcome, "rsi") == USER_DATA + 1
+
+
+def test_compat_mode_enter_and_leave_use_4_byte_frames() -> None:
+    # enter 8, 1 ; leave
+    case = make_case(
+        "c8080001 c9", cpl=3, mode="compat", regs={"rsp": COMPAT_STACK + 0x100, "rbp": 0x1111},
+        pages=[user_page(COMPAT_STACK)],
+    )  # fmt: skip
+    outcome = run(case)
+    assert outcome.status is Status.COMPLETED, outcome.detail
+    assert (reg(outcome, "rsp"), reg(outcome, "rbp")) == (COMPAT_STACK + 0x100, 0x1111)
+    writes = [(a.address, a.size) for a in outcome.trace or () if a.kind == "write"]
+    assert writes == [(COMPAT_STACK + 0xFC, 4), (COMPAT_STACK + 0xF8, 4)]
+
+
+# ---- mode and CPL properties ------------------------------------------------------------------
+
+ADDRESS_32 = st.integers(0, 0xFFFF_FFFF)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mode=st.sampled_from(["64", "compat"]),
+    cpl=st.integers(0, 3),
+    address=st.one_of(ADDRESS_32, st.sampled_from([0xFFFF_8880_0000_0000, 0xFFFF_FFFF_FFFF_FFF8])),
+    smap=st.booleans(),
+    ac=st.booleans(),
+    user_page=st.booleans(),
+)
+def test_lass_off_never_raises_a_lass_fault(
+    mode: str, cpl: int, address: int, smap: bool, ac: bool, user_page: bool
+) -> None:
+    page = Page(address & ~0xFFF, user=user_page)
+    case = make_case(
+        "8b03", cpl=cpl, mode=mode, regs={"rbx": address}, cr4=CR4_PAE | (CR4_SMAP if smap else 0),
+        rflags=RFLAGS_FIXED1 | (RFLAGS_AC if ac else 0),
+        pages=[page] if address >> 12 != 0x400 else [],
+    )  # fmt: skip
+    outcome = run(case)
+    assert "LASS.md §3" not in outcome.detail
+
+
+@settings(max_examples=40, deadline=None)
+@given(address=ADDRESS_32, write=st.booleans())
+def test_compat_cpl3_explicit_accesses_never_violate(address: int, write: bool) -> None:
+    # In compatibility mode bit 63 is 0: a CPL3 data access is in the user half wherever it
+    # goes, so turning LASS on changes nothing.
+    code = "8903" if write else "8b03"
+    pages = [Page(address & ~0xFFF, user=True)] if address >> 12 != 0x400 else []
+    outcomes = [
+        run(make_case(code, cpl=3, mode="compat", regs={"rbx": address}, pages=pages, cr4=cr4))
+        for cr4 in (CR4_PAE | CR4_SMAP, CR4_PAE | CR4_SMAP | CR4_LASS)
+    ]
+    first, second = outcomes
+    assert first.status is second.status
+    assert first.fault == second.fault
+    assert first.registers is not None and second.registers is not None
+    assert replace(first.registers, cr4=0) == replace(second.registers, cr4=0)

@@ -499,3 +499,21 @@ def test_enter_nested_reads_see_its_own_pushes() -> None:
     assert linear_bytes(case, outcome, STACK_TOP - 16, 8) == STACK_TOP.to_bytes(8, "little")
     assert linear_bytes(case, outcome, STACK_TOP - 24, 8) == (STACK_TOP - 8).to_bytes(8, "little")
     assert [a.kind for a in outcome.trace or ()] == ["write", "read", "write", "write"]
+
+
+@pytest.mark.parametrize(
+    ("code", "cpl", "iopl", "if_after"),
+    [("fa", 0, 0, 0), ("fb", 0, 0, 1), ("fb", 3, 3, 1), ("fa", 3, 0, None), ("fb", 1, 0, None)],
+)
+def test_cli_sti_need_cpl_at_most_iopl(
+    code: str, cpl: int, iopl: int, if_after: int | None
+) -> None:
+    rflags = RFLAGS_FIXED1 | RFLAGS_IF | iopl << 12
+    if code == "fb":
+        rflags &= ~RFLAGS_IF
+    outcome = run(make_case(code, cpl=cpl, rflags=rflags))
+    if if_after is None:
+        assert outcome.fault is not None and outcome.fault.name == "#GP(0)"
+    else:
+        assert outcome.status is Status.COMPLETED
+        assert bool(reg(outcome, "rflags") & RFLAGS_IF) == bool(if_after)

@@ -6,6 +6,7 @@ import pytest
 
 from lassfuzz.arch import (
     CR0_WP,
+    CR4_LA57,
     CR4_PAE,
     CR4_SMAP,
     CR4_SMEP,
@@ -154,3 +155,26 @@ def test_wrapping_access_checks_page_zero_first() -> None:
     outcome = run(case)
     assert outcome.fault is not None
     assert (outcome.fault.name, outcome.fault.cr2) == ("#PF(0x2)", 0)  # page 0 is not mapped
+
+
+def test_la57_walk_has_five_levels_and_marks_each_non_leaf_entry() -> None:
+    address = 0xFF00_0000_1234_5000  # canonical only with 5-level paging
+    case = make_case("90", cr4=CR4_PAE | CR4_LA57, pages=[Page(address, user=False)])
+    image = materialize(case)
+    phys = PhysicalMemory(image.frames)
+    translation = walk(phys, image.cr3, address, EFER_LME | EFER_LMA, la57=True)
+    assert translation.frame == image.page_frames[address]
+    # PML5E, PML4E, PDPTE and PDE each got their Accessed bit.
+    entry = image.cr3
+    for shift in (48, 39, 30, 21):
+        location = (entry & 0x000F_FFFF_FFFF_F000) + ((address >> shift) & 0x1FF) * 8
+        entry = phys.read_u64(location)
+        assert entry & PTE_A
+
+
+def test_unmarked_walk_writes_nothing() -> None:
+    case = make_case("90", pages=[Page(KERNEL_DATA, user=False)])
+    image = materialize(case)
+    phys = PhysicalMemory(image.frames)
+    walk(phys, image.cr3, KERNEL_DATA, EFER_LME | EFER_LMA, mark=False)
+    assert phys.snapshot() == image.frames
