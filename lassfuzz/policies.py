@@ -46,7 +46,9 @@ class PolicyAccess:
     cr4: int
     rflags: int
     efer: int
-    cs_l: bool  #: True in 64-bit mode, False in compatibility mode
+    #: CS.L when the access is made: True in 64-bit mode, False in compatibility mode, for
+    #: implicit accesses too (their addresses are 64-bit either way: see :meth:`touches`)
+    cs_l: bool
 
     def __post_init__(self) -> None:
         if self.kind not in ACCESS_KINDS:
@@ -62,9 +64,11 @@ class PolicyAccess:
     def touches(self, *, supervisor_half: bool) -> bool:
         """Whether some byte of the access lies in the given half (bit 63 after wrapping).
 
-        In compatibility mode every address counts as a user-half address (bit 63 = 0).
+        In compatibility mode an explicit access's address is segment-relative and 32-bit, so it
+        counts as a user-half address (bit 63 = 0). Implicit accesses (GDT, LDT, IDT, TSS) use
+        the 64-bit bases of GDTR, IDTR, LDTR and TR in either mode: bit 63 counts for them.
         """
-        if not self.cs_l:
+        if not self.cs_l and not self.implicit:
             return not supervisor_half
         last = self.address + self.size - 1
         if last > MASK64:  # wraps from the top of the supervisor half into the user half
@@ -95,8 +99,9 @@ def sdm(access: PolicyAccess) -> bool:
 
 
 def bochs(access: PolicyAccess) -> bool:
-    """Bochs 2024: like the SDM, but no check outside 64-bit mode, and AC exempts implicit
-    supervisor accesses too (LASS.md section 6, D1 and D2)."""
+    """Bochs 2024: like the SDM, but no check outside 64-bit mode (implicit accesses made in
+    compatibility mode included), and AC exempts implicit supervisor accesses too (LASS.md
+    section 6, D1 and D2)."""
     if not access.cs_l:
         return False
     if access.implicit and access.kind != "fetch" and access.rflags & RFLAGS_AC:

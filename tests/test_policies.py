@@ -80,6 +80,12 @@ def access(
         (access(MASK64 - 3, "read", cpl=3), True),  # user bytes and supervisor bytes
         (access(SUPER, "read", cpl=3, cs_l=False), False),  # compatibility: bit 63 is 0
         (access(SUPER, "fetch", cpl=0, cs_l=False), True),  # every CPL0 fetch faults
+        (access(SUPER, "read", cpl=0, smap=True, cs_l=False), True),  # explicit: bit 63 is 0
+        # implicit accesses keep bit 63 in compatibility mode (64-bit GDTR/IDTR/TR bases)
+        (access(SUPER, "read", cpl=3, smap=True, implicit=True, cs_l=False), False),
+        (access(USER, "read", cpl=3, smap=True, implicit=True, cs_l=False), True),
+        (access(USER, "read", cpl=0, smap=False, implicit=True, cs_l=False), False),
+        (access(MASK64 - 3, "read", smap=True, implicit=True, cs_l=False), True),  # wraps
     ],
 )
 def test_sdm_rules(case: PolicyAccess, violates: bool) -> None:
@@ -88,9 +94,29 @@ def test_sdm_rules(case: PolicyAccess, violates: bool) -> None:
 
 def test_bochs_differs_from_sdm_on_exactly_d1_and_d2() -> None:
     d1 = access(SUPER, "fetch", cpl=0, cs_l=False)
+    d1_implicit = access(USER, "read", cpl=3, smap=True, implicit=True, cs_l=False)
     d2 = access(USER, "read", smap=True, ac=True, implicit=True)
-    assert (sdm(d1), bochs(d1)) == (True, False)
-    assert (sdm(d2), bochs(d2)) == (True, False)
+    for case in (d1, d1_implicit, d2):
+        assert (sdm(case), bochs(case)) == (True, False)
+
+
+@given(
+    address=st.integers(0, MASK64),
+    size=st.sampled_from([1, 2, 4, 8, 16]),
+    kind=st.sampled_from(["read", "write", "fetch"]),
+    cpl=st.sampled_from([0, 1, 2, 3]),
+    smap=st.booleans(),
+    ac=st.booleans(),
+)
+def test_implicit_accesses_are_decided_alike_in_both_modes_by_sdm_never_by_bochs(
+    address: int, size: int, kind: str, cpl: int, smap: bool, ac: bool
+) -> None:
+    """D1 covers implicit accesses too: Bochs checks nothing in compatibility mode, where the
+    SDM decides an implicit access on its 64-bit address exactly as in 64-bit mode."""
+    compat = access(address, kind, size=size, cpl=cpl, smap=smap, ac=ac, implicit=True, cs_l=False)
+    long = access(address, kind, size=size, cpl=cpl, smap=smap, ac=ac, implicit=True)
+    assert sdm(compat) == sdm(long)
+    assert not bochs(compat)
 
 
 @given(

@@ -162,7 +162,8 @@ class Memory:
             raise SystemUnsupported(str(error)) from None
 
     def _pieces(self, address: int, size: int) -> list[_Piece]:
-        """Page pieces, lowest page first (an access wrapping past 2**64 starts at page 0)."""
+        """Page pieces in byte order (for an access wrapping past 2**64, the top page's bytes
+        first: they are the low-order bytes of the value)."""
         pieces = []
         offset = 0
         while offset < size:
@@ -171,7 +172,7 @@ class Memory:
             chunk = min(size - offset, page + PAGE_SIZE - linear)
             pieces.append(_Piece(linear, chunk, page))
             offset += chunk
-        return sorted(pieces, key=lambda piece: piece.page)
+        return pieces
 
     def _check_piece(self, piece: _Piece, kind: str, rip: int, implicit: bool, stack: bool) -> None:
         run = self.run
@@ -195,16 +196,19 @@ class Memory:
         self, address: int, size: int, kind: str, rip: int, implicit: bool, stack: bool
     ) -> list[tuple[_Piece, int]]:
         """Check every byte, then page each piece (A/D set for allowed pieces only); the
-        physical address of each piece, in ascending page order."""
+        physical address of each piece, in byte order."""
         run = self.run
         pieces = self._pieces(address, size)
-        for piece in pieces:
+        # Checks and walks go lowest page first (docs/machine.md: a wrapping access is paged
+        # from page 0 first), but the pieces keep byte order for assembling the value.
+        checked = sorted(pieces, key=lambda piece: piece.page)
+        for piece in checked:
             self._check_piece(piece, kind, rip, implicit, stack)
         mmu = run.mmu()
         if implicit:  # supervisor access; SMAP applies whatever AC says
             mmu = MmuState(0, mmu.cr0, mmu.cr4, mmu.rflags & ~RFLAGS_AC, mmu.efer)
-        translated = []
-        for piece in pieces:
+        frames: dict[int, int] = {}
+        for piece in checked:
             result = self._walk(piece.page, mmu)
             for entry in result.accessed:
                 run._set_entry_bits(entry, PTE_A)
@@ -222,8 +226,8 @@ class Memory:
             run._set_entry_bits(
                 result.leaf_address, updated_leaf(result.leaf, kind) & (PTE_A | PTE_D)
             )
-            translated.append((piece, result.frame + piece.address - piece.page))
-        return translated
+            frames[piece.page] = result.frame + piece.address - piece.page
+        return [(piece, frames[piece.page]) for piece in pieces]
 
     def trace_access(
         self, kind: str, address: int, size: int, value: int, implicit: bool, rip: int

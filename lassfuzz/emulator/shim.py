@@ -664,9 +664,9 @@ class CaseRun:
             cr4=mmu.cr4,
             rflags=mmu.rflags,
             efer=mmu.efer,
-            # Implicit accesses use 64-bit linear addresses (GDTR/IDTR/TR bases) even in
-            # compatibility mode: bit 63 counts for them.
-            cs_l=self.cs_l or implicit,
+            # The real CS.L, for implicit accesses too: PolicyAccess.touches knows that their
+            # addresses are 64-bit, and a policy may tell compatibility mode apart (bochs).
+            cs_l=self.cs_l,
         )
         try:
             return bool(self.policy(access))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from lassfuzz import system as tables
 from lassfuzz.arch import (
+    CR4_LASS,
+    CR4_PAE,
+    MASK64,
     RFLAGS_FIXED1,
     RFLAGS_IF,
     VEC_BP,
@@ -19,6 +24,7 @@ from tests.emulator.cases import gpr
 from tests.emulator.system_cases import (
     HANDLER,
     KERNEL_STACK,
+    LASS_SMAP,
     RSP0,
     SUPERVISOR,
     USER_CODE,
@@ -147,6 +153,51 @@ def test_iretq_into_compatibility_mode(machine: UnicornMachine) -> None:
     assert outcome.status is Status.HALTED
     assert gpr(outcome.registers, "rax") == 1
     assert outcome.events[0].rip == target + 4
+
+
+@pytest.mark.parametrize("lass", [True, False], ids=["lass", "no-lass"])
+def test_iretq_into_compatibility_mode_at_cpl2_fetches_with_bit_63_clear(
+    machine: UnicornMachine, lass: bool
+) -> None:
+    """Compatibility mode makes every CPL 0-2 fetch a LASS violation (LASS.md §1): IRETQ
+    commits CPL 2 and compatibility mode, then the first fetch is #GP(0) at the target, and
+    the frame pushed on TSS.RSP0 holds the 32-bit CS. Without LASS the 32-bit code runs."""
+    target = USER_CODE + 0x100
+    code = Page(USER_CODE, user=False, writable=False, data=bytes(0x100) + bytes.fromhex("40cc"))
+    frame = iret_frame(
+        target, tables.RING2_CS32 | 2, RFLAGS_FIXED1, USER_STACK, tables.RING2_DS | 2
+    )
+    cr4 = LASS_SMAP if lass else LASS_SMAP & ~CR4_LASS
+    case = system_case("48cf", cpl=0, cr4=cr4, rsp=KERNEL_STACK - 40, extra_pages=(code, frame))
+    outcome = machine.run(case)
+    assert outcome.status is Status.HALTED, outcome.detail
+    if not lass:
+        assert [(event.name, event.rip) for event in outcome.events] == [("#BP", target + 2)]
+        assert gpr(outcome.registers, "rax") == 1  # 0x40 ran as INC EAX
+        return
+    assert [(event.name, event.rip) for event in outcome.events] == [("#GP(0)", target)]
+    stack = outcome.memory[materialize(case).page_frames[SUPERVISOR + 0x4000]]
+    assert struct.unpack_from("<2Q", stack, 0x1000 - 40) == (target, tables.RING2_CS32 | 2)
+
+
+def test_iretq_frame_wrapping_past_2_64_keeps_byte_order(machine: UnicornMachine) -> None:
+    """CPL0 to CPL0 with the 40-byte frame at 2**64 - 24: RIP, CS, RFLAGS on the top page,
+    RSP and SS on page 0 (the frame is paged from page 0 first, but read in byte order)."""
+    top = MASK64 & ~0xFFF
+    frame = struct.pack(
+        "<5Q", HANDLER, tables.KERNEL_CS, RFLAGS_FIXED1, KERNEL_STACK, tables.KERNEL_DS
+    )
+    pages = (
+        Page(top, user=False, data=bytes(0x1000 - 24) + frame[:24]),
+        Page(0, user=False, data=frame[24:]),
+    )
+    case = system_case("48cf", cpl=0, cr4=CR4_PAE, rsp=MASK64 - 23, extra_pages=pages)
+    outcome = machine.run(case)
+    assert outcome.status is Status.HALTED and not outcome.events, outcome.events
+    registers = outcome.registers
+    assert registers is not None and registers.system is not None
+    assert (registers.rip, gpr(registers, "rsp")) == (HANDLER + 1, KERNEL_STACK)
+    assert registers.system.selectors[:2] == (tables.KERNEL_CS, tables.KERNEL_DS)
 
 
 def test_iretq_to_an_inner_level_is_gp(machine: UnicornMachine) -> None:

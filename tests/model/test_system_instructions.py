@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from lassfuzz.arch import EFER_SCE, RFLAGS_AC, RFLAGS_FIXED1, RFLAGS_IF, RFLAGS_ZF
+from lassfuzz.arch import CR4_LASS, EFER_SCE, RFLAGS_AC, RFLAGS_FIXED1, RFLAGS_IF, RFLAGS_ZF
 from lassfuzz.case import DEFAULT_CODE_ADDRESS, Page, TestCase, materialize
 from lassfuzz.outcome import Outcome, Status
 from lassfuzz.system import (
@@ -16,6 +16,8 @@ from lassfuzz.system import (
     KERNEL_CS,
     KERNEL_DS,
     RING1_DS,
+    RING2_CS32,
+    RING2_DS,
     TSS_SEL,
     TYPE_CALL_GATE,
     USER_CS,
@@ -313,6 +315,29 @@ def test_iretq_into_compatibility_mode_decodes_32_bit_code() -> None:
     assert reg(outcome, "rax") == 2
     assert first_event(outcome) == "#GP(0)"
     assert outcome.events[0].rip == target + 2
+
+
+@pytest.mark.parametrize("lass", [True, False], ids=["lass", "no-lass"])
+def test_iretq_into_compatibility_mode_at_cpl2_fetches_with_bit_63_clear(lass: bool) -> None:
+    """Compatibility mode makes every CPL 0-2 fetch a LASS violation (LASS.md §1): IRETQ
+    commits CPL 2 and compatibility mode, then the first fetch is #GP(0) at the target, and
+    the frame pushed on TSS.RSP0 holds the 32-bit CS. Without LASS the 32-bit code runs."""
+    target = 0x0000_0000_0040_0000
+    code_page = Page(target, user=False, writable=False, data=bytes.fromhex("40cc"))
+    case = iret_case((target, RING2_CS32 | 2, RFLAGS_FIXED1, USER_RSP, RING2_DS | 2),
+                     pages=(code_page,))  # fmt: skip
+    if not lass:
+        case = replace(case, state=replace(case.state, cr4=case.state.cr4 & ~CR4_LASS))
+    outcome = run(case)
+    assert outcome.status is Status.HALTED, outcome.detail
+    if not lass:
+        assert (first_event(outcome), outcome.events[0].rip) == ("#BP", target + 2)
+        assert reg(outcome, "rax") == 1  # 0x40 ran as INC EAX
+        return
+    assert (first_event(outcome), outcome.events[0].rip) == ("#GP(0)", target)
+    frame = materialize(case).page_frames[KERNEL_STACK]
+    rip, cs = struct.unpack_from("<2Q", outcome.memory[frame], 0x1000 - 40)
+    assert (rip, cs) == (target, RING2_CS32 | 2)
 
 
 def test_iretq_to_an_inner_level_is_gp() -> None:
