@@ -1,8 +1,10 @@
 """``lassfuzz bench``: cases/s and instructions/s of every engine, on the same cases, in one run.
 
 Rates are measured here and reported, never asserted in tests: this machine is shared and noisy,
-so only ratios measured in one run mean something. Instructions/s counts the reference model's
-instruction count for each case (the one engine that counts every architectural instruction).
+so only ratios measured in one run mean something, and time is this process's CPU time (another
+process on the same cores then slows a row less than its wall-clock time). Instructions/s counts
+the reference model's instruction count for each case (the one engine that counts every
+architectural instruction).
 
 Plain Unicorn cannot run cases with descriptor tables (it has no IDT delivery and no privilege
 switches without the shim): it answers "unsupported" for them at once, which would make it look
@@ -12,6 +14,7 @@ differential is timed once more on the whole default mix (``differential_full_mi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,11 +35,15 @@ ROWS = (
 
 
 def _timed(run: Callable[[TestCase], object], cases: list[TestCase]) -> float:
-    run(cases[0])  # warm caches (decoders, translation) outside the measurement
-    start = time.perf_counter()
-    for case in cases:
+    """Seconds ``run`` takes over ``cases``, each run on a fresh copy: a case caches its
+    physical image (``materialize``), which a campaign builds once per case, so a row must
+    not inherit another row's."""
+    run(dataclasses.replace(cases[0]))  # warm caches (decoders, translation) outside the timing
+    fresh = [dataclasses.replace(case) for case in cases]
+    start = time.process_time()
+    for case in fresh:
         run(case)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def run_benchmark(

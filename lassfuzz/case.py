@@ -12,6 +12,7 @@ Building the initial image is part of the case's meaning, not of any engine's LA
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -252,6 +253,14 @@ class TestCase:
 
     def all_pages(self) -> tuple[Page, ...]:
         """Listed pages plus the implicit code pages, code bytes laid over the page data."""
+        return self._all_pages
+
+    # Both engines and the case's own validation need the pages and the physical image of the
+    # same (immutable) case: computed once per instance. cached_property stores into the
+    # instance __dict__ directly, which a frozen dataclass allows; dataclasses.replace builds a
+    # new instance, so a changed case never sees the old value.
+    @functools.cached_property
+    def _all_pages(self) -> tuple[Page, ...]:
         pages = {page.address: page for page in self.pages}
         offset = 0
         while offset < len(self.code):
@@ -267,6 +276,10 @@ class TestCase:
 
     def with_code(self, code: bytes) -> TestCase:
         return replace(self, code=code)
+
+    @functools.cached_property
+    def _image(self) -> MemoryImage:
+        return _materialize(self)
 
 
 def is_canonical48(address: int) -> bool:
@@ -296,12 +309,16 @@ class MemoryImage:
 
 
 def materialize(case: TestCase) -> MemoryImage:
-    """Build page tables and data frames for ``case``, deterministically.
+    """Page tables and data frames for ``case``, deterministically (built once per case).
 
     Data frames are assigned in ascending linear-address order from PHYS_DATA_BASE; paging
     structures are allocated from PHYS_TABLES_BASE in the order the walk first needs them.
     With CR4.LA57 the root (CR3) is a PML5 table.
     """
+    return case._image
+
+
+def _materialize(case: TestCase) -> MemoryImage:
     tables: dict[int, bytearray] = {}
     next_table = PHYS_TABLES_BASE
 

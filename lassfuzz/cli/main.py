@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -310,8 +311,12 @@ def cmd_minimize(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     differential, policy_name = _differential(args.policy, trace=loaded.trace)
     _, signature = differential.signature(loaded.case)
     if signature is None:
+        found_with = (loaded.crash or {}).get("versions", {}).get("policy")
+        hint = (
+            f" (found with --policy {found_with})" if found_with not in (None, policy_name) else ""
+        )
         raise UsageError(
-            f"{args.file}: does not diverge with policy {policy_name}; nothing to minimize"
+            f"{args.file}: does not diverge with policy {policy_name}{hint}; nothing to minimize"
         )
     if loaded.signature is not None and loaded.signature != signature:
         raise UsageError(
@@ -389,18 +394,10 @@ def cmd_stats(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     campaign = load_campaign(args.dir)
     now = time.time()
-    try:
-        if args.json:
-            out.write(json.dumps(summary_json(campaign, now), indent=1) + "\n")
-        else:
-            (write_rich if out.isatty() else write_plain)(campaign, out, now)
-        out.flush()
-    except BrokenPipeError:
-        # `lassfuzz stats DIR | head` closed the pipe early: not an error. Point stdout at
-        # /dev/null so the interpreter's final flush does not raise again.
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    if args.json:
+        out.write(json.dumps(summary_json(campaign, now), indent=1) + "\n")
+    else:
+        (write_rich if out.isatty() else write_plain)(campaign, out, now)
     return EXIT_OK
 
 
@@ -436,7 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args, sys.stdout, sys.stderr)
+        status = COMMANDS[args.command](args, sys.stdout, sys.stderr)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # `lassfuzz matrix | head` closed the pipe early: not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (UsageError, InputError) as error:
         print(f"lassfuzz {args.command}: {error}", file=sys.stderr)
         return EXIT_ERROR

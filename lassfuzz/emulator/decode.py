@@ -41,6 +41,7 @@ class Intercept(enum.Enum):
     CACHE_FLUSH = "cache-line flush"  # CLFLUSH/CLFLUSHOPT/CLWB: QEMU makes no access
     HLT = "hlt"  # the end of a case at CPL0
     POPF = "popf"  # single-step (TF) is not modelled
+    CMPXCHG8B = "cmpxchg8b/16b"  # QEMU computes its RFLAGS from a stale lazy-flags state
     UNSUPPORTED = "unsupported"  # the machine cannot run it faithfully (reason in the Prescan)
     PRIVILEGED_UNSUPPORTED = "unsupported at CPL0"  # at CPL3 QEMU's #GP comes first
 
@@ -160,6 +161,8 @@ def _intercept_by_code(code: CodeId) -> Intercept | None:
         return Intercept.HLT
     if mnemonic in (Mnemonic.POPF, Mnemonic.POPFD, Mnemonic.POPFQ):
         return Intercept.POPF
+    if mnemonic in (Mnemonic.CMPXCHG8B, Mnemonic.CMPXCHG16B):
+        return Intercept.CMPXCHG8B
     return None
 
 

@@ -22,7 +22,6 @@ costs a helper call per instruction.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +34,7 @@ from unicorn.unicorn_const import (
     UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_ERR_INSN_INVALID,
-    UC_ERR_OK,
     UC_HOOK_BLOCK,
-    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_READ,
@@ -48,8 +45,6 @@ from unicorn.unicorn_const import (
     UC_TLB_CPU,
     UC_TLB_VIRTUAL,
 )
-from unicorn.unicorn_py3.arch.types import uc_hook_h
-from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, uccallback, uclib
 from unicorn.x86_const import (
     UC_CPU_X86_BROADWELL,
     UC_X86_INS_CPUID,
@@ -81,22 +76,15 @@ from lassfuzz.arch import (
 )
 from lassfuzz.case import PHYS_CASE_END, CaseFormatError, MemoryImage, TestCase, materialize
 from lassfuzz.emulator.decode import MAX_INSTRUCTION_BYTES, Prescan, prescan
-from lassfuzz.emulator.modes import MSR_EFER, boot_contexts
-from lassfuzz.emulator.shim import (
-    GPR_IDS,
-    SUPPORTED_CR4,
-    CaseRun,
-    FastPort,
-    Stop,
-    is_canonical,
-)
+from lassfuzz.emulator.modes import MSR_EFER, ContextSwitch, boot_contexts
+from lassfuzz.emulator.port import FastPort, UcError
+from lassfuzz.emulator.shim import GPR_IDS, SUPPORTED_CR4, CaseRun, Stop, is_canonical
 from lassfuzz.emulator.sysrun import run_system_case
 from lassfuzz.outcome import Fault, Outcome, Registers, Status
 from lassfuzz.policies import BUILTIN, DEFAULT_POLICY, Policy
 
-#: Unicorn's Python binding is untyped for x86: it is used through these two names only.
+#: Unicorn's Python binding is untyped for x86.
 _UNICORN: Final[Any] = unicorn
-UcError: Final[type[Exception]] = _UNICORN.UcError
 #: Machine-only physical memory above the case RAM: GDT, boot code, boot stack, landing pad.
 GDT_BASE: Final = PHYS_CASE_END
 BOOT_CODE: Final = PHYS_CASE_END + PAGE_SIZE
@@ -105,6 +93,17 @@ LANDING: Final = PHYS_CASE_END + 3 * PAGE_SIZE
 MACHINE_END: Final = PHYS_CASE_END + 4 * PAGE_SIZE
 _ZERO_PAGE: Final = bytes(PAGE_SIZE)
 _UC_GPRS: Final = tuple(GPR_IDS[key] for key in sorted(GPR_IDS))
+#: What _reset writes, in order (CR4 before CR0: the order the boot wrote them in).
+_INITIAL_REGISTERS: Final = (
+    *_UC_GPRS,
+    UC_X86_REG_CR4,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR3,
+    UC_X86_REG_EFLAGS,
+    UC_X86_REG_FS_BASE,
+    UC_X86_REG_GS_BASE,
+    UC_X86_REG_RIP,
+)
 _FINAL_REGISTERS: Final = (
     *(GPR_IDS[key] for key in sorted(GPR_IDS)),
     UC_X86_REG_RIP,
@@ -169,9 +168,8 @@ class UnicornMachine:
         self._exec_frames: set[int] = set()
         self._previous_code: tuple[int, int] | None = None
         self._uc = self._create()
-        # One ctypes callback for every intercept hook (see _hook_intercept).
-        self._intercept_callback = uccallback(self._uc, HOOK_CODE_CFUNC)(self._on_intercept)
         self._port = FastPort(self._uc)
+        self._context_switch = ContextSwitch(self._port)
         self._contexts = self._boot()
         from lassfuzz.emulator.selftest import check_machine
 
@@ -207,6 +205,10 @@ class UnicornMachine:
             self._uc.emu_start(LANDING, LANDING)
         return contexts
 
+    def _switch_context(self, key: tuple[str, int]) -> None:
+        """Enter the saved (mode, CPL) ``key`` mid-case, keeping the case's registers."""
+        self._context_switch.switch(self._contexts[key])
+
     # ------------------------------------------------------------------------- hooks
 
     def _on_fill(self, uc: Any, address: int, access: int, entry: Any, _: object) -> bool:
@@ -241,7 +243,7 @@ class UnicornMachine:
         assert self._run is not None
         return self._run.cpuid()
 
-    def _on_intercept(self, uc: Any, address: int, size: int, _: object) -> None:
+    def _on_intercept(self, address: int, size: int) -> None:
         assert self._run is not None
         self._run.intercept(address)
 
@@ -329,7 +331,7 @@ class UnicornMachine:
             error = int(getattr(failure, "errno", -1))
         finally:
             for handle in hooks:
-                uc.hook_del(handle)
+                self._port.hook_del(handle)
             self._exec_frames |= run.exec_frames
         return _Execution(run, error, self._vector, time.monotonic() - started)
 
@@ -350,26 +352,27 @@ class UnicornMachine:
             self._invalidate_code()
             # With the shim the tables stay in Python (CaseRun.tables); QEMU's walk needs them.
             frames = image.frames.keys() - image.table_frames if self.shim else image.frames.keys()
-            for frame in self._used_frames - frames:
-                uc.mem_write(frame, _ZERO_PAGE)
-            for frame in frames:
-                uc.mem_write(frame, image.frames[frame])
+            self._port.write_frames(
+                {frame: _ZERO_PAGE for frame in self._used_frames - frames}
+                | {frame: image.frames[frame] for frame in frames}
+            )
             self._used_frames = set(frames)
         state = case.state
         # Restoring a context also clears QEMU's stale old_exception.
         uc.context_restore(self._contexts[(state.mode, state.cpl)])
-        uc.msr_write(MSR_EFER, state.efer)
-        uc.reg_write_batch(
-            [
-                *zip(_UC_GPRS, state.gprs, strict=True),
-                (UC_X86_REG_CR4, state.cr4),
-                (UC_X86_REG_CR0, state.cr0),
-                (UC_X86_REG_CR3, image.cr3),
-                (UC_X86_REG_EFLAGS, state.rflags),
-                (UC_X86_REG_FS_BASE, state.fs_base),
-                (UC_X86_REG_GS_BASE, state.gs_base),
-                (UC_X86_REG_RIP, case.code_address),
-            ]
+        self._port.msr_write(MSR_EFER, state.efer)
+        self._port.reg_write_batch(
+            _INITIAL_REGISTERS,
+            (
+                *state.gprs,
+                state.cr4,
+                state.cr0,
+                image.cr3,
+                state.rflags,
+                state.fs_base,
+                state.gs_base,
+                case.code_address,
+            ),
         )
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._previous_code = (case.code_address, len(case.code) + MAX_INSTRUCTION_BYTES)
@@ -393,25 +396,6 @@ class UnicornMachine:
             address, size = self._previous_code
             uc.ctl_remove_cache(address, address + size)
 
-    def _hook_intercept(self, address: int) -> int:
-        """A code hook on ``address`` calling :meth:`_on_intercept`, added through the C API
-        with one shared callback: the binding's ``hook_add`` builds a ctypes callback per
-        call (~25 us, measured), a cost every case with an intercept paid."""
-        handle = uc_hook_h()
-        status = uclib.uc_hook_add(
-            self._uc._uch,
-            ctypes.byref(handle),
-            UC_HOOK_CODE,
-            self._intercept_callback,
-            None,
-            ctypes.c_uint64(address),
-            ctypes.c_uint64(address),
-        )
-        if status != UC_ERR_OK:
-            raise UcError(status)
-        self._uc._callbacks[handle.value] = self._intercept_callback  # what Uc.hook_del drops
-        return int(handle.value)
-
     def _case_hooks(
         self,
         run: CaseRun,
@@ -422,20 +406,19 @@ class UnicornMachine:
     ) -> list[int]:
         if not self.shim:
             return []
-        uc = self._uc
-        hooks = [self._hook_intercept(address) for address in scan.intercepts]
+        port = self._port
+        hooks = [
+            port.hook_code(address, address, self._on_intercept) for address in scan.intercepts
+        ]
         if watch is not None:
 
-            def on_watched(uc: Any, address: int, size: int, _: object) -> None:
+            def on_watched(address: int, size: int) -> None:
                 watch.callback(run, address)
 
-            hooks += [
-                uc.hook_add(UC_HOOK_CODE, on_watched, begin=address, end=address)
-                for address in watch.addresses
-            ]
+            hooks += [port.hook_code(address, address, on_watched) for address in watch.addresses]
         if trace:
             hooks.append(
-                uc.hook_add(
+                self._uc.hook_add(
                     UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
                     lambda _uc, access, address, size, value, _ud: run.on_memory(
                         access, address, size, value
@@ -542,10 +525,10 @@ class UnicornMachine:
         return stop
 
     def _outcome(self, execution: _Execution, stop: Stop, image: MemoryImage) -> Outcome:
-        uc = self._uc
-        values = uc.reg_read_batch(_FINAL_REGISTERS)
-        gprs = tuple(int(value) for value in values[:16])
-        rip, rflags, cr0, cr3, cr4, fs_base, gs_base = (int(value) for value in values[16:])
+        port = self._port
+        values = port.reg_read_batch(_FINAL_REGISTERS)
+        gprs = values[:16]
+        rip, rflags, cr0, cr3, cr4, fs_base, gs_base = values[16:]
         if stop.fault is not None:
             rflags = execution.run.rflags_at_fault(stop.fault.rip, rflags)
         registers = Registers(
@@ -555,14 +538,15 @@ class UnicornMachine:
             cr0=cr0,
             cr3=cr3,
             cr4=cr4,
-            efer=uc.msr_read(MSR_EFER),
+            efer=port.msr_read(MSR_EFER),
             cpl=execution.run.cpl,
             fs_base=fs_base,
             gs_base=gs_base,
         )
         tables = execution.run.tables if self.shim else {}
+        emulated = port.read_frames(frame for frame in image.frames if frame not in tables)
         memory = {
-            frame: bytes(tables[frame]) if frame in tables else bytes(uc.mem_read(frame, PAGE_SIZE))
+            frame: bytes(tables[frame]) if frame in tables else emulated[frame]
             for frame in image.frames
         }
         if stop.status is Status.HANG:

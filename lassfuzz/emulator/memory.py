@@ -24,7 +24,7 @@ from lassfuzz.arch import (
     VEC_PF,
     VEC_SS,
 )
-from lassfuzz.emulator.paging import MmuState, Walk, WalkUnsupported, updated_leaf, walk
+from lassfuzz.emulator.paging import MmuState, Walk, WalkUnsupported, updated_leaf
 from lassfuzz.emulator.shim import is_canonical
 from lassfuzz.outcome import Access, Fault
 
@@ -68,7 +68,7 @@ class Memory:
         """Read ``size`` bytes at linear ``address`` (little-endian value); raises
         :class:`SystemFault` for the access's fault, attributed to the instruction at ``rip``."""
         data = b"".join(
-            bytes(self.run.uc.mem_read(frame, piece.size))
+            self.run.uc.mem_read(frame, piece.size)
             for piece, frame in self._translate(address, size, "read", rip, implicit, stack)
         )
         value = int.from_bytes(data, "little")
@@ -136,7 +136,7 @@ class Memory:
         pieces = self.physical(address, size)
         if pieces is None:
             return None
-        data = b"".join(bytes(self.run.uc.mem_read(frame, size)) for frame, size in pieces)
+        data = b"".join(self.run.uc.mem_read(frame, size) for frame, size in pieces)
         return int.from_bytes(data, "little")
 
     def physical(self, address: int, size: int) -> list[tuple[int, int]] | None:
@@ -157,7 +157,7 @@ class Memory:
     def _walk(self, page: int, mmu: MmuState) -> Walk:
         run = self.run
         try:
-            return walk(run._read_entry, run._frame_known, run.cr3, page, mmu)
+            return run.walk(page, mmu)
         except WalkUnsupported as error:  # tables outside the case format
             raise SystemUnsupported(str(error)) from None
 

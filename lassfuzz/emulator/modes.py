@@ -6,7 +6,7 @@ so every (mode, CPL) pair is entered once at start-up through a real IRETQ from 
 64-bit code segment for mode "64", a 32-bit one (CS.L = 0, CS.D = 1) for "compat" — and saved
 as a context. A case restores the context of its initial mode and CPL; a privilege or mode
 change during a case restores another one and carries the case-visible registers over
-(:func:`switch_context`). Measured on 2.1.4: after an IRETQ to a CS with L = 0, QEMU decodes
+(:class:`ContextSwitch`). Measured on 2.1.4: after an IRETQ to a CS with L = 0, QEMU decodes
 32-bit code (``40`` is INC EAX, not a REX prefix).
 
 The machine's boot GDT below lives in machine-only memory; QEMU reads it only during these
@@ -41,6 +41,7 @@ from unicorn.x86_const import (
 )
 
 from lassfuzz.case import MODES
+from lassfuzz.emulator.port import FastPort, RawRegisters
 from lassfuzz.emulator.shim import GPR_IDS
 
 MSR_EFER: Final = 0xC000_0080
@@ -132,10 +133,18 @@ def boot_contexts(
     return contexts
 
 
-def switch_context(uc: Any, context: Any) -> None:
-    """Restore ``context`` (another mode or CPL) keeping every case-visible register."""
-    values = uc.reg_read_batch(_CARRIED)
-    efer = uc.msr_read(MSR_EFER)
-    uc.context_restore(context)
-    uc.msr_write(MSR_EFER, efer)
-    uc.reg_write_batch(list(zip(_CARRIED, values, strict=True)))
+class ContextSwitch:
+    """Restores a saved context (another mode or CPL) keeping every case-visible register:
+    the carried registers travel as raw bytes, so XMM, x87 and GDTR/IDTR need no conversion."""
+
+    def __init__(self, port: FastPort) -> None:
+        self._port = port
+        self._carried = RawRegisters(port, _CARRIED)
+
+    def switch(self, context: Any) -> None:
+        port = self._port
+        self._carried.save()
+        efer = port.msr_read(MSR_EFER)
+        port.context_restore(context)
+        port.msr_write(MSR_EFER, efer)
+        self._carried.restore()

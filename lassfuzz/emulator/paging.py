@@ -82,6 +82,18 @@ class Walk:
     def allows(self, kind: str) -> bool:
         return kind not in self.error
 
+    def refreshed(self, read_entry: Callable[[int], int]) -> Walk:
+        """This walk as a fresh walk of the same page under the same MMU state would find it
+        now. During a case paging entries change only in their A/D bits (docs/machine.md), and
+        nothing a walk decides (path, frame, permissions, error codes) depends on those bits:
+        only the leaf as read and the non-leaf entries still without A can differ, and those
+        are read again here."""
+        accessed = tuple(address for address in self.accessed if not read_entry(address) & PTE_A)
+        leaf = None if self.leaf_address is None else read_entry(self.leaf_address)
+        if accessed == self.accessed and leaf == self.leaf:
+            return self
+        return Walk(leaf, self.leaf_address, self.error, accessed)
+
 
 def walk(
     read_entry: Callable[[int], int],

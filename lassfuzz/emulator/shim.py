@@ -5,7 +5,8 @@ Unicorn (QEMU TCG) knows nothing of LASS. The shim supplies it at three points:
 - the TLB-fill hook, which is the machine's page walk: canonical check, then LASS (the policy),
   then 4-level paging, recording why a fill was refused so the fault can be rebuilt;
 - code hooks on the few instructions QEMU gets wrong for this machine (MOV CR*, CLFLUSH*, HLT,
-  POPF, and everything outside the machine's scope), found by a pre-scan of the case's code;
+  POPF, CMPXCHG8B/16B, and everything outside the machine's scope), found by a pre-scan of the
+  case's code;
 - a CPUID hook that advertises LASS when the case says so.
 
 One :class:`CaseRun` exists per run; the machine creates it, routes hooks to it and turns its
@@ -14,16 +15,14 @@ record into an :class:`~lassfuzz.outcome.Outcome`.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import iced_x86 as iced
 from iced_x86 import Code, FlowControl, Mnemonic, OpKind, Register, RegisterExt, RflagsBits
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, x86_const
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_MEM_READ, UC_MEM_WRITE
-from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
     UC_X86_REG_CR0,
     UC_X86_REG_CR3,
@@ -63,11 +62,13 @@ from lassfuzz.arch import (
     CR4_SMAP,
     CR4_SMEP,
     EFER_LMA,
+    EFER_NXE,
     GPR_NAMES,
     MASK64,
     PAGE_SIZE,
     PTE_A,
     PTE_D,
+    RFLAGS_AC,
     RFLAGS_TF,
     VEC_GP,
     VEC_PF,
@@ -85,6 +86,7 @@ from lassfuzz.emulator.decode import (
     memory_accesses,
 )
 from lassfuzz.emulator.paging import KINDS, MmuState, Walk, WalkUnsupported, updated_leaf, walk
+from lassfuzz.emulator.port import UnicornPort
 from lassfuzz.outcome import Access, Fault, Status
 from lassfuzz.policies import Policy, PolicyAccess
 
@@ -175,55 +177,6 @@ class Stop:
     rip: int | None = None  # the RIP to report, when it differs from Unicorn's
 
 
-class UnicornPort(Protocol):
-    """The part of a Unicorn ``Uc`` the shim uses (typed; Unicorn's x86 class is not)."""
-
-    def reg_read(self, reg_id: int) -> int: ...
-    def reg_write(self, reg_id: int, value: int) -> None: ...
-    def mem_read(self, address: int, size: int) -> bytearray: ...
-    def mem_write(self, address: int, data: bytes) -> None: ...
-    def ctl(self, ctl: int, op: int, *args: int) -> Any: ...
-    def emu_stop(self) -> None: ...
-
-
-class FastPort:
-    """A :class:`UnicornPort` over a ``Uc`` whose ``reg_read`` calls the C API directly.
-
-    The binding's ``reg_read`` spends ~1.3 us choosing a register class per call; the hooks read
-    RIP, RFLAGS and address registers on every fill, so this path (~0.4 us, measured) matters.
-    It uses the 2.1.4 binding's ``uclib``/``_uch``, which the self-test pins.
-    """
-
-    def __init__(self, uc: Any) -> None:
-        self._uc = uc
-        self._read = uclib.uc_reg_read
-        self._handle = uc._uch
-        self._value = ctypes.c_uint64()
-        self._pointer = ctypes.byref(self._value)
-
-    def reg_read(self, reg_id: int) -> int:
-        """A scalar register of up to 64 bits (GPR, RIP, EFLAGS, CRn, segment base)."""
-        self._value.value = 0  # EFLAGS is written as 32 bits: clear the upper half first
-        if self._read(self._handle, reg_id, self._pointer):
-            return int(self._uc.reg_read(reg_id))  # the binding raises a proper UcError
-        return self._value.value
-
-    def reg_write(self, reg_id: int, value: int) -> None:
-        self._uc.reg_write(reg_id, value)
-
-    def mem_read(self, address: int, size: int) -> bytearray:
-        return bytearray(self._uc.mem_read(address, size))
-
-    def mem_write(self, address: int, data: bytes) -> None:
-        self._uc.mem_write(address, data)
-
-    def ctl(self, ctl: int, op: int, *args: int) -> Any:
-        return self._uc.ctl(ctl, op, *args)
-
-    def emu_stop(self) -> None:
-        self._uc.emu_stop()
-
-
 class CaseRun:
     """Per-run shim state: the case, the shadow control registers and the hooks' records.
 
@@ -267,6 +220,7 @@ class CaseRun:
         #: but the fill hook reads them, and no linear page maps a table frame, so the walk and
         #: its A/D updates stay in Python and the outcome takes the final tables from here.
         self.tables = {frame: bytearray(image.frames[frame]) for frame in image.table_frames}
+        self.walks: dict[tuple[int, ...], Walk] = {}  # first walks, see walk()
         self.end_page = case.code_end & ~(PAGE_SIZE - 1)
         self.code_pages = _pages_spanned(case.code_address, len(case.code) + MAX_INSTRUCTION_BYTES)
         self.refusal: Refusal | None = None
@@ -345,7 +299,7 @@ class CaseRun:
         # QEMU reads a read-modify-write operand before writing it; paging treats the whole
         # access as a write (W = 1 in #PF, D set, no A bit when the write is refused).
         paging_kind = "write" if kind == "read" and rip and self._shape(rip).rmw else kind
-        result = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
+        result = self.walk(page, mmu)
         for address in result.accessed:
             self._set_entry_bits(address, PTE_A, rip)
         if not result.allows(paging_kind):
@@ -422,7 +376,7 @@ class CaseRun:
     def _walk_piece(self, page: int, kind: str, mmu: MmuState, rip: int) -> Refusal | None:
         """A page walk done by the shim for an access QEMU has not reached: A/D as for a real
         access, and the #PF refusal if paging forbids it."""
-        result = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
+        result = self.walk(page, mmu)
         for address in result.accessed:
             self._set_entry_bits(address, PTE_A, rip)
         if not result.allows(kind):
@@ -673,6 +627,26 @@ class CaseRun:
         except Exception as error:  # a user policy may fail in any way: report, never pass
             raise PolicyFailure(f"policy {self.policy_name} raised {error!r}") from error
 
+    def walk(self, page: int, mmu: MmuState) -> Walk:
+        """The page walk for ``page`` under ``mmu``: the first one per (page, paging-relevant
+        state) is done, later ones refresh it (:meth:`Walk.refreshed`), which gives the same
+        result at a fraction of the cost (a system case walks the GDT's page for every
+        descriptor)."""
+        key = (
+            page,
+            self.cr3,
+            mmu.cpl == 3,
+            mmu.cr0 & CR0_WP,
+            mmu.cr4 & (CR4_SMEP | CR4_SMAP | CR4_LA57),
+            mmu.rflags & RFLAGS_AC,
+            mmu.efer & EFER_NXE,
+        )
+        first = self.walks.get(key)
+        if first is None:
+            first = self.walks[key] = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
+            return first
+        return first.refreshed(self._read_entry)
+
     def _read_entry(self, address: int) -> int:
         frame = address & ~(PAGE_SIZE - 1)
         return int(_ENTRY.unpack_from(self.tables[frame], address - frame)[0])
@@ -728,6 +702,8 @@ class CaseRun:
             self._cache_flush(address, size)
         elif kind is Intercept.POPF:
             self._popf(address)
+        elif kind is Intercept.CMPXCHG8B:
+            self._start_block_at(address)
 
     def _end(self, stop: Stop) -> None:
         self.stop = stop
@@ -801,6 +777,24 @@ class CaseRun:
         else:
             self._skip(address, size)
 
+    def _start_block_at(self, address: int) -> None:
+        """Make the instruction at ``address`` the first of its translated block.
+
+        QEMU 5 translates CMPXCHG8B/16B as a helper that computes RFLAGS from the CC_OP in
+        ``env`` without the translator writing its pending lazy-flags state there first
+        (QEMU later inlined the instruction). Mid-block, ``env`` then holds the state of the
+        block's start: measured ``test [mem], 0; cmpxchg8b [rax]`` reports the case's initial
+        flags with ZF changed. At a block's start ``env`` is exact, so the shim restarts
+        translation at the instruction (writing RIP in a hook does, see :meth:`_skip`).
+        """
+        block = self.last_block
+        if not block or block[0] == address or address not in block:
+            return
+        done = block.index(address)
+        self.entered -= len(block) - done
+        self.last_block = block[:done]
+        self.uc.reg_write(UC_X86_REG_RIP, address)
+
     def _skip(self, address: int, size: int) -> None:
         """Resume after the intercepted instruction at ``address`` (done by the shim). Writing
         RIP in a hook makes Unicorn restart in a new block, so the rest of the current block,
@@ -819,7 +813,7 @@ class CaseRun:
         mmu = self.mmu()
         if self.lass_active and self.ask_policy(operand.address, operand.size, operand.kind, mmu):
             return self.fault_for(Refusal(page, operand.kind, "lass"), operand, rip)
-        result = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
+        result = self.walk(page, mmu)
         for entry_address in result.accessed:
             self._set_entry_bits(entry_address, PTE_A)
         if not result.allows(operand.kind):
@@ -849,13 +843,13 @@ class CaseRun:
                 self.cpl, self.cr0, self.cr4, self.uc.reg_read(UC_X86_REG_EFLAGS), self.efer
             )
             try:
-                result = walk(self._read_entry, self._frame_known, self.cr3, page, mmu)
+                result = self.walk(page, mmu)
             except WalkUnsupported:
                 return None
             if not result.allows(kind):
                 return None
             chunk = min(size - len(data), page + PAGE_SIZE - linear)
-            data += bytes(self.uc.mem_read(result.frame + linear - page, chunk))
+            data += self.uc.mem_read(result.frame + linear - page, chunk)
         return data
 
     # ----------------------------------------------------------------------------- faults

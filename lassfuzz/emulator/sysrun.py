@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import iced_x86 as iced
 from iced_x86 import FlowControl, Mnemonic, OpAccess
-from unicorn.unicorn_const import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_PROT_EXEC
+from unicorn.unicorn_const import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_PROT_EXEC
 from unicorn.x86_const import UC_X86_REG_EFLAGS, UC_X86_REG_RIP, UC_X86_REG_RSP
 
 from lassfuzz.arch import MASK64, PAGE_SIZE, VEC_GP
@@ -36,7 +36,7 @@ from lassfuzz.emulator.decode import Intercept, Prescan, intercept_for
 from lassfuzz.emulator.events import Events, Shutdown, TooManyEvents, Transition
 from lassfuzz.emulator.far import FarTransfers, is_far_transfer
 from lassfuzz.emulator.memory import SystemFault, SystemUnsupported
-from lassfuzz.emulator.modes import switch_context
+from lassfuzz.emulator.port import UcError
 from lassfuzz.emulator.shim import FILL_KINDS, GPR_IDS, CaseRun, Refusal, Stop, is_canonical
 from lassfuzz.emulator.system import SystemState, is_null
 from lassfuzz.outcome import Fault, Outcome, Status
@@ -75,7 +75,7 @@ class SystemRun:
 
     def __init__(self, machine: UnicornMachine, run: CaseRun, system: SystemState) -> None:
         self.machine = machine
-        self.uc: Any = machine._uc
+        self.uc = machine._port
         self.run = run
         self.system = system
         self.events = Events(run, system)
@@ -126,7 +126,7 @@ class SystemRun:
             self.first_refusal = self.run.refusal
         return bool(granted)
 
-    def on_code(self, uc: Any, address: int, size: int, _: object) -> None:
+    def on_code(self, address: int, size: int) -> None:
         run = self.run
         run.flags_at_hook = (address, run.uc.reg_read(UC_X86_REG_EFLAGS))
         self.branch = None
@@ -234,13 +234,13 @@ class SystemRun:
         self.uc.emu_stop()
 
     def _snapshot(self, instruction: iced.Instruction) -> _Branch:
-        gprs = tuple(int(value) for value in self.uc.reg_read_batch(_GPRS))
+        gprs = self.uc.reg_read_batch(_GPRS)
         stack: tuple[tuple[int, bytes], ...] = ()
         if instruction.is_call_near or instruction.is_call_near_indirect:
             width = 8 if self.run.cs_l else 4
             rsp = self.uc.reg_read(UC_X86_REG_RSP)
             pieces = self.system.memory.physical((rsp - width) & MASK64, width) or []
-            stack = tuple((frame, bytes(self.uc.mem_read(frame, size))) for frame, size in pieces)
+            stack = tuple((frame, self.uc.mem_read(frame, size)) for frame, size in pieces)
         return _Branch(instruction.ip, gprs, stack)
 
     # ----------------------------------------------------------------------------- loop
@@ -303,13 +303,13 @@ class SystemRun:
 
     def _emulate(self, start: int, until: int) -> _Execution:
         """One ``emu_start`` from ``start``; the machine's block hook enforces the budget."""
-        from lassfuzz.emulator.machine import UcError, _Execution  # machine imports this module
+        from lassfuzz.emulator.machine import _Execution  # machine imports this module
 
         machine = self.machine
         error: int | None = None
         started = time.monotonic()
         try:
-            self.uc.emu_start(
+            machine._uc.emu_start(
                 start,
                 until,
                 timeout=0 if machine.timeout is None else int(machine.timeout * 1_000_000),
@@ -343,11 +343,11 @@ class SystemRun:
             for handle in self.code_hooks:
                 self.uc.hook_del(handle)
             self.code_hooks = [
-                self.uc.hook_add(UC_HOOK_CODE, self.on_code, begin=begin, end=end)
+                self.uc.hook_code(begin, end, self.on_code)
                 for begin, end in _hooked_ranges(self.run.scan, system)
             ]
             if self.hook_key is not None:
-                self.uc.ctl_flush_tb()
+                self.machine._uc.ctl_flush_tb()
         finally:
             self.quiet = False
         self.hook_key = key
@@ -374,7 +374,7 @@ class SystemRun:
         run = self.run
         mode = "64" if run.cs_l else "compat"
         if fresh_context or (transition.cpl, transition.mode) != (run.cpl, mode):
-            switch_context(self.uc, self.machine._contexts[(transition.mode, transition.cpl)])
+            self.machine._switch_context((transition.mode, transition.cpl))
             run.cpl = transition.cpl
             run.cs_l = transition.mode == "64"
         # Fills were answered for the old CPL and mode, and the end-page look-up is unchecked.
@@ -395,7 +395,7 @@ class SystemRun:
             or is_canonical(fault.rip, self.run.bits)
         ):
             return fault
-        self.uc.reg_write_batch(list(zip(_GPRS, branch.gprs, strict=True)))
+        self.uc.reg_write_batch(_GPRS, branch.gprs)
         for frame, data in branch.stack:
             self.uc.mem_write(frame, data)
         self.run._undo_bits(branch.address)
@@ -482,11 +482,10 @@ def run_system_case(
         return Outcome(machine.name, Status.UNSUPPORTED, detail=str(error))
     run.hooks_foreign_code = True
     driver = SystemRun(machine, run, system)
-    uc = machine._uc
     hooks = []
     if trace:
         hooks.append(
-            uc.hook_add(
+            machine._uc.hook_add(
                 UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
                 lambda _uc, access, address, size, value, _ud: run.on_memory(
                     access, address, size, value
@@ -499,7 +498,7 @@ def run_system_case(
     finally:
         driver.quiet = True  # hook deletion makes Unicorn fill the TLB: no case access
         for handle in hooks + driver.code_hooks:
-            uc.hook_del(handle)
+            machine._port.hook_del(handle)
         machine._exec_frames |= run.exec_frames
     stop = machine._within_budget(stop, run)
     outcome = machine._outcome(execution, stop, image)

@@ -76,6 +76,20 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_output_into_a_closed_pipe_is_quiet() -> None:
+    """``lassfuzz matrix | head -1``: the reader leaving early is no error and no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lassfuzz", "matrix", "--reference-only"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith("cpl0 ")
+    process.stdout.close()  # long before the matrix's thousands of lines are written
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == ""
+
+
 def test_unknown_policy_exits_2(tmp_path: Path) -> None:
     result = run_cli("fuzz", "--cases", "1", "--out", str(tmp_path), "--policy", "no.such:thing")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -117,6 +131,9 @@ def test_policy_none_campaign_finds_repro_minimizes_and_shows(tmp_path: Path) ->
     assert run_cli("repro", str(crash), "--policy", "none").returncode == 1
     assert run_cli("repro", str(crash)).returncode == 0
 
+    without_policy = run_cli("minimize", str(crash))  # the default policy finds nothing
+    assert without_policy.returncode == 2
+    assert "(found with --policy none)" in without_policy.stderr
     minimized = run_cli("minimize", str(crash), "--policy", "none")
     assert minimized.returncode == 1, minimized.stderr
     (small,) = sorted((out / "crashes").glob("*/crash-*.min.json"))

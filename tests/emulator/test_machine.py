@@ -7,7 +7,7 @@ from typing import Final
 
 import pytest
 
-from lassfuzz.arch import CR4_PAE, CR4_SMAP, CR4_SMEP, VEC_GP, VEC_UD
+from lassfuzz.arch import CR4_PAE, CR4_SMAP, CR4_SMEP, RFLAGS_ZF, VEC_GP, VEC_UD
 from lassfuzz.case import Page, TestCase, materialize
 from lassfuzz.emulator.machine import UnicornMachine
 from lassfuzz.outcome import Access, Status
@@ -225,6 +225,34 @@ def test_rflags_are_exact_at_a_fault_in_a_later_rep_iteration(
     assert outcome.registers is not None and outcome.registers.rflags == _FLAGS_AFTER_ADD
     if trace:  # the completed iterations' accesses stay, the faulting one's go
         assert [access.kind for access in outcome.trace or ()] == ["read", "write"] * 2
+
+
+@pytest.mark.parametrize(
+    ("code", "memory", "flags"),
+    [
+        ("0fc70b", 0, _FLAGS_AFTER_ADD),  # cmpxchg8b [rbx], equal: ZF = 1, the rest kept
+        ("0fc70b", 1, _FLAGS_AFTER_ADD & ~RFLAGS_ZF),  # unequal: ZF = 0
+        ("480fc70b", 0, _FLAGS_AFTER_ADD),  # cmpxchg16b [rbx]
+        ("f00fc70b 488b0e", 0, _FLAGS_AFTER_ADD),  # lock cmpxchg8b, then a faulting load
+    ],
+)
+@pytest.mark.parametrize("trace", [False, True], ids=["plain", "trace"])
+def test_cmpxchg8b_and_16b_change_zf_only(
+    machine: UnicornMachine, code: str, memory: int, flags: int, trace: bool
+) -> None:
+    """QEMU computes CMPXCHG8B/16B's RFLAGS from a lazy-flags state it did not write back
+    (measured: the flags of the case's start, with ZF set or cleared); the SDM changes ZF
+    only. The shim hooks them, which writes the state back."""
+    page = Page(USER_DATA, user=True, data=memory.to_bytes(8, "little"))
+    test_case = case(
+        _ADD_OVERFLOW + code.replace(" ", ""),
+        pages=(page,),
+        rax=2**63,
+        rbx=USER_DATA,
+        rsi=KERNEL_DATA,  # the load faults with #GP (LASS) where the code has one
+    )
+    outcome = machine.run(test_case, trace=trace)
+    assert outcome.registers is not None and outcome.registers.rflags == flags
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["plain", "trace"])

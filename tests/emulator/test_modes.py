@@ -18,7 +18,8 @@ from unicorn.x86_const import (
 from lassfuzz.arch import CR4_LA57, CR4_LASS, CR4_PAE, CR4_SMAP, VEC_GP
 from lassfuzz.case import COMPAT_CODE_ADDRESS, DEFAULT_CODE_ADDRESS, Page, State, TestCase
 from lassfuzz.emulator.machine import UnicornMachine
-from lassfuzz.emulator.modes import BOOT_SELECTORS, boot_contexts, switch_context
+from lassfuzz.emulator.modes import BOOT_SELECTORS, ContextSwitch, boot_contexts
+from lassfuzz.emulator.port import FastPort
 from lassfuzz.outcome import Status
 from lassfuzz.policies import BUILTIN
 from tests.emulator.cases import USER_DATA, gpr
@@ -50,7 +51,7 @@ def test_switch_context_keeps_case_registers() -> None:
     uc.reg_write(UC_X86_REG_XMM9, xmm)
     uc.reg_write(UC_X86_REG_RAX, 7)
     uc.reg_write(UC_X86_REG_IDTR, (0, 0xFFFF_8000_0000_1000, 0xFFF, 0))
-    switch_context(uc, contexts[("compat", 3)])
+    ContextSwitch(FastPort(uc)).switch(contexts[("compat", 3)])
     assert uc.reg_read(UC_X86_REG_XMM9) == xmm
     assert uc.reg_read(UC_X86_REG_RAX) == 7
     assert uc.reg_read(UC_X86_REG_IDTR)[1:3] == (0xFFFF_8000_0000_1000, 0xFFF)

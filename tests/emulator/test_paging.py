@@ -17,6 +17,8 @@ from lassfuzz.arch import (
     PFEC_RSVD,
     PFEC_U,
     PFEC_W,
+    PTE_A,
+    PTE_D,
     RFLAGS_AC,
     RFLAGS_FIXED1,
 )
@@ -99,3 +101,39 @@ def test_nx_with_nxe_clear_is_a_reserved_bit_fault() -> None:
 def test_frame_outside_the_image_is_unsupported() -> None:
     with pytest.raises(WalkUnsupported, match="outside the case image"):
         walk(lambda _: 0, lambda _: False, 0x1000, DATA, MmuState(0, 0, CR4_PAE, 2, LONG))
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["present", "not-present"])
+def test_a_refreshed_walk_equals_a_fresh_one_after_a_d_updates(present: bool) -> None:
+    """CaseRun.walk replays a page's first walk: once its A/D bits are set (or taken back),
+    the refreshed walk must be exactly what walking the updated tables gives."""
+    image = materialize(
+        TestCase(
+            State(), b"\x90", 0xFFFF_FFFF_8000_0000, (Page(DATA, user=False, present=present),)
+        )
+    )
+    tables = {frame: bytearray(data) for frame, data in image.frames.items()}
+
+    def read(physical: int) -> int:
+        frame = physical & ~0xFFF
+        return int.from_bytes(tables[frame][physical - frame : physical - frame + 8], "little")
+
+    def fresh() -> Walk:
+        return walk(read, tables.__contains__, image.cr3, DATA, mmu)
+
+    def set_bits(physical: int, bits: int) -> None:
+        frame = physical & ~0xFFF
+        value = read(physical) | bits
+        tables[frame][physical - frame : physical - frame + 8] = value.to_bytes(8, "little")
+
+    mmu = MmuState(0, CR0_WP, CR4_PAE, RFLAGS_FIXED1, LONG)
+    first = fresh()
+    assert first.accessed and first.refreshed(read) is first  # nothing changed yet
+    set_bits(first.accessed[0], PTE_A)
+    assert first.refreshed(read) == fresh()
+    for address in first.accessed:
+        set_bits(address, PTE_A)
+    if first.leaf_address is not None:
+        set_bits(first.leaf_address, PTE_A | PTE_D)
+    assert first.refreshed(read) == fresh()
+    assert fresh().accessed == ()
