@@ -26,7 +26,7 @@ from lassfuzz.campaign.health import no_access_reason
 from lassfuzz.case import TestCase, case_to_dict
 from lassfuzz.compare.diff import Verdict
 from lassfuzz.compare.differential import Differential, Result
-from lassfuzz.compare.signature import Signature, signature_of
+from lassfuzz.compare.signature import Signature
 from lassfuzz.generator.config import DEFAULT_CONFIG, GeneratorConfig
 from lassfuzz.generator.generate import generate_case
 from lassfuzz.outcome import Status
@@ -308,7 +308,7 @@ class ChunkRunner:
     ) -> None:
         divergence = result.comparison.divergence
         assert divergence is not None  # a DIVERGE verdict always carries one
-        signature = signature_of(result.case, result.reference, result.emulator, divergence)
+        signature = differential.signature_of(result)
         hits = tally.hits.get(signature.id)
         chunk = tally.chunk
         if hits is not None:
@@ -316,7 +316,7 @@ class ChunkRunner:
             hits.last_index = index
             hits.newest.append((result, index))
             return
-        document = self._document(differential, chunk, result, index)
+        document = self._document(differential, chunk, result, index, signature)
         tally.hits[signature.id] = _Hits(
             signature, document["class"], 1, index, document, collections.deque(maxlen=chunk.keep)
         )
@@ -324,7 +324,10 @@ class ChunkRunner:
     def _signature_hits(
         self, differential: Differential, chunk: Chunk, hits: _Hits
     ) -> SignatureHits:
-        newest = (self._document(differential, chunk, *hit) for hit in hits.newest)
+        newest = (
+            self._document(differential, chunk, result, index, hits.signature)
+            for result, index in hits.newest
+        )
         return SignatureHits(
             id=hits.signature.id,
             cls=hits.cls,
@@ -336,10 +339,15 @@ class ChunkRunner:
         )
 
     def _document(
-        self, differential: Differential, chunk: Chunk, result: Result, index: int
+        self,
+        differential: Differential,
+        chunk: Chunk,
+        result: Result,
+        index: int,
+        signature: Signature,
     ) -> dict[str, Any]:
         self._running(index)  # triage runs the case again: a crash there is this case's too
-        finding = differential.triage(result)
+        finding = differential.triage(result, signature)
         return crash_document(
             finding,
             policy_name=self._policy_name,

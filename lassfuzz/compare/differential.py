@@ -16,7 +16,8 @@ from typing import Final
 from lassfuzz.arch import CR4_LASS, GPR_NAMES, RFLAGS_AC
 from lassfuzz.case import TestCase
 from lassfuzz.compare.diff import Comparison, Divergence, Verdict, compare
-from lassfuzz.compare.signature import Signature, signature_of
+from lassfuzz.compare.localize import find_culprit
+from lassfuzz.compare.signature import Signature, data_signature, signature_of
 from lassfuzz.outcome import Engine, Outcome
 
 
@@ -53,12 +54,14 @@ class Differential:
         emulator = self.emulator.run(case, trace=self.trace)
         return Result(case, reference, emulator, compare(case, reference, emulator))
 
-    def triage(self, result: Result) -> Finding:
-        """Signature and class of a diverging result (re-runs the case with LASS disabled)."""
+    def triage(self, result: Result, signature: Signature | None = None) -> Finding:
+        """Signature (unless the caller has it) and class of a diverging result (re-runs the
+        case with LASS disabled)."""
         divergence = result.comparison.divergence
         if divergence is None:
             raise ValueError("triage needs a diverging result")
-        signature = signature_of(result.case, result.reference, result.emulator, divergence)
+        if signature is None:
+            signature = self.signature_of(result)
         if beyond_lass(result, divergence):
             cls = "base"
         else:
@@ -69,10 +72,25 @@ class Differential:
     def signature(self, case: TestCase) -> tuple[Result, Signature | None]:
         """Run ``case`` and return the signature of its divergence, if it diverges."""
         result = self.run(case)
-        divergence = result.comparison.divergence
-        if result.comparison.verdict is not Verdict.DIVERGE or divergence is None:
+        if result.comparison.verdict is not Verdict.DIVERGE:
             return result, None
-        return result, signature_of(case, result.reference, result.emulator, divergence)
+        return result, self.signature_of(result)
+
+    def signature_of(self, result: Result) -> Signature:
+        """The signature of a diverging result: a data signature for a divergence beyond LASS
+        that a code prefix already shows (runs the prefixes), else the LASS-context one."""
+        divergence = result.comparison.divergence
+        if divergence is None:
+            raise ValueError("a signature needs a diverging result")
+        if beyond_lass(result, divergence):
+            culprit = find_culprit(result.case, divergence, self._compare_only)
+            if culprit is not None:
+                return data_signature(result.case, divergence, culprit)
+        return signature_of(result.case, result.reference, result.emulator, divergence)
+
+    def _compare_only(self, case: TestCase) -> tuple[Comparison, str, str]:
+        result = self.run(case)
+        return result.comparison, result.reference.summary, result.emulator.summary
 
 
 #: Registers no LASS rule decides (CR4 is MOV CR4's, CPL and EFER the mode's, RIP the

@@ -4,6 +4,10 @@ A signature keeps the coarse facts a developer would sort findings by (LASS.md s
 the divergence kind, both outcomes' classes, the faulting access's kind and address half, the
 CPL, SMAP/AC, and the instruction family. It deliberately leaves out addresses, register values
 and case indices, so one bug hit from many random cases lands in one bucket.
+
+A divergence in computed data (``beyond_lass``) has a *data signature* instead: the
+instruction that computed it (:mod:`lassfuzz.compare.localize`), the divergence kind and the
+mode, and none of the LASS context, which has nothing to do with it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass
 from lassfuzz.arch import CR4_SMAP, RFLAGS_AC
 from lassfuzz.case import TestCase
 from lassfuzz.compare.diff import Divergence
+from lassfuzz.compare.localize import Culprit, divergence_key
 from lassfuzz.families import family_at
 from lassfuzz.outcome import Fault, Outcome
 
@@ -35,14 +40,25 @@ class Signature:
     ac: bool
     family: str
     mode: str = "64"  # "64" or "compat"
+    #: Data signatures only: the mnemonic (with prefixes) of the instruction that computed the
+    #: divergence; the LASS context fields are then neutral (access and half "none", CPL 0).
+    culprit: str = ""
 
     @property
     def id(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if not self.culprit:  # ids of signatures without a culprit predate the field
+            del fields["culprit"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()
 
     def describe(self) -> str:
         flags = "compat " if self.mode != "64" else ""
+        if self.culprit:
+            return (
+                f"{self.divergence} [{self.family}: {self.culprit}] {flags}computed differently: "
+                f"reference {self.reference} emulator {self.emulator}"
+            )
         flags += f"cpl{self.cpl} {self.access} {self.half}-half"
         flags += " smap" if self.smap else ""
         flags += " ac" if self.ac else ""
@@ -57,9 +73,7 @@ def signature_of(
 ) -> Signature:
     """Compute the signature of ``divergence`` between two outcomes of ``case``."""
     fault = _describing_fault(reference, emulator)
-    kind = divergence.kind
-    if kind == "register":
-        kind = f"register:{divergence.field}"
+    kind = divergence_key(divergence)
     access, half = "none", "none"
     if fault is not None and fault.access is not None:
         access = fault.access
@@ -76,6 +90,23 @@ def signature_of(
         ac=bool(case.state.rflags & RFLAGS_AC),
         family=family_at_fault(case, fault),
         mode=case.state.mode,
+    )
+
+
+def data_signature(case: TestCase, divergence: Divergence, culprit: Culprit) -> Signature:
+    """The signature of a divergence in computed data, localized to ``culprit``."""
+    return Signature(
+        divergence=divergence_key(divergence),
+        reference=culprit.reference,
+        emulator=culprit.emulator,
+        access="none",
+        half="none",
+        cpl=0,
+        smap=False,
+        ac=False,
+        family=culprit.family,
+        mode=case.state.mode,
+        culprit=culprit.mnemonic,
     )
 
 
