@@ -543,10 +543,17 @@ class UnicornMachine:
             fs_base=fs_base,
             gs_base=gs_base,
         )
-        tables = execution.run.tables if self.shim else {}
-        emulated = port.read_frames(frame for frame in image.frames if frame not in tables)
+        run = execution.run
+        if self.shim:
+            # Without the shim's grant (or its own store) QEMU cannot write a frame.
+            tables, written = run.tables, run.written_frames
+        else:
+            tables, written = {}, image.frames.keys()
+        emulated = port.read_frames(frame for frame in image.frames if frame in written)
         memory = {
-            frame: bytes(tables[frame]) if frame in tables else emulated[frame]
+            frame: bytes(tables[frame])
+            if frame in tables
+            else emulated.get(frame, image.frames[frame])
             for frame in image.frames
         }
         if stop.status is Status.HANG:

@@ -110,8 +110,9 @@ class Memory:
         """Store a write prepared by :meth:`prepare_write` and trace it."""
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         offset = 0
-        for frame, length in pieces:
-            self.run.uc.mem_write(frame, data[offset : offset + length])
+        for physical, length in pieces:
+            self.run.uc.mem_write(physical, data[offset : offset + length])
+            self.run.written_frames.add(physical & ~(PAGE_SIZE - 1))
             offset += length
         self.trace_access("write", address, size, int.from_bytes(data, "little"), implicit, rip)
 

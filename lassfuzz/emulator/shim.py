@@ -241,9 +241,9 @@ class CaseRun:
         self.stop: Stop | None = None
         self.frame_pages: dict[int, int] = {}
         self.exec_frames: set[int] = set()
-        self.written_frames: set[int] = (
-            set()
-        )  # frames given WRITE permission (a re-run resets them)
+        #: Frames the run may have written (given WRITE permission, or written by the shim
+        #: itself): a re-run restores them, the outcome reads only them back.
+        self.written_frames: set[int] = set()
         self.trace: list[Access] | None = [] if trace else None
         #: Per trace entry: the RIP of its instruction and the block it ran in (REP
         #: iterations are blocks of their own), to find the faulting instruction's entries.
