@@ -268,8 +268,10 @@ class TestCase:
             base = address & ~(PAGE_SIZE - 1)
             chunk = self.code[offset : offset + PAGE_SIZE - (address - base)]
             page = pages.get(base) or Page(base, user=self.state.cpl == 3, writable=False, nx=False)
-            data = bytearray(page.data.ljust(PAGE_SIZE, b"\0"))
-            data[address - base : address - base + len(chunk)] = chunk
+            start = address - base
+            # Only as long as needed: Page keeps its data without trailing zeros anyway.
+            data = bytearray(page.data.ljust(start + len(chunk), b"\0"))
+            data[start : start + len(chunk)] = chunk
             pages[base] = replace(page, data=bytes(data))
             offset += len(chunk)
         return tuple(sorted(pages.values(), key=lambda p: p.address))

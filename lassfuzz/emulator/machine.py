@@ -23,7 +23,7 @@ costs a helper call per instruction.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -544,11 +544,9 @@ class UnicornMachine:
             gs_base=gs_base,
         )
         run = execution.run
-        if self.shim:
-            # Without the shim's grant (or its own store) QEMU cannot write a frame.
-            tables, written = run.tables, run.written_frames
-        else:
-            tables, written = {}, image.frames.keys()
+        tables: Mapping[int, bytearray] = run.tables if self.shim else {}
+        # Without the shim's grant (or its own store) QEMU cannot write a frame.
+        written: Collection[int] = run.written_frames if self.shim else image.frames.keys()
         emulated = port.read_frames(frame for frame in image.frames if frame in written)
         memory = {
             frame: bytes(tables[frame])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-import numpy as np
+from lassfuzz.generator.seeding import case_seed
 
 T = TypeVar("T")
 
@@ -92,44 +92,48 @@ def boolean_from_ticket(ticket: int, p: float) -> bool:
 class RandomChooser:
     """A :class:`Chooser` over a private ``random.Random`` (never the global one)."""
 
+    __slots__ = ("_random", "_rng")  # a case makes some 200 choices: attribute reads count
+
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
+        self._random = rng.random  # bound once: most choices are one call of it
 
     @classmethod
     def for_case(cls, seed: int, index: int) -> RandomChooser:
         """The independent stream of case ``index`` under ``seed``.
 
         numpy's SeedSequence spawn keys give statistically independent streams per index, so a
-        case depends only on (seed, index), not on which worker or in what order it was made.
+        case depends only on (seed, index), not on which worker or in what order it was made
+        (:func:`lassfuzz.generator.seeding.case_seed` computes the same seed as numpy, faster).
         """
         if seed < 0 or index < 0:
             raise ValueError(f"seed and index must be non-negative (got {seed}, {index})")
-        words = np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(4)
-        return cls(random.Random(int.from_bytes(words.tobytes(), "little")))
+        return cls(random.Random(case_seed(seed, index)))
 
     # ``random()`` is several times cheaper than ``randrange``. It has 53 bits, so for spans up
     # to 2^53 every value is reachable and the bias is below span / 2^53 (irrelevant for
     # fuzzing); power-of-two spans (64-bit words) take exact random bits.
     def integer(self, lo: int, hi: int) -> int:
         span = hi - lo + 1
+        if span > _FLOAT_SPAN:
+            if not span & (span - 1):
+                return lo + self._rng.getrandbits(span.bit_length() - 1)
+            return lo + self._rng.randrange(span)
         if span <= 0:
             raise ValueError(f"empty integer range [{lo}, {hi}]")
-        if span <= _FLOAT_SPAN:
-            return lo + int(self._rng.random() * span)
-        if not span & (span - 1):
-            return lo + self._rng.getrandbits(span.bit_length() - 1)
-        return lo + self._rng.randrange(span)
+        return lo + int(self._random() * span)
 
     def boolean(self, p: float) -> bool:
-        return self._rng.random() < p
+        return self._random() < p
 
     def choice(self, options: Sequence[T]) -> T:
         if not options:
             raise ValueError("choice from an empty sequence")
-        return options[int(self._rng.random() * len(options))]
+        return options[int(self._random() * len(options))]
 
     def weighted(self, table: Weighted[T]) -> T:
-        return table.pick(int(self._rng.random() * table.total))
+        cumulative = table.cumulative  # table.pick(ticket), inlined: a draw per instruction
+        return table.options[bisect.bisect_right(cumulative, int(self._random() * cumulative[-1]))]
 
     def data(self, size: int) -> bytes:
         return self._rng.randbytes(size)

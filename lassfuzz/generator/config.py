@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -170,13 +171,19 @@ class GeneratorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that differ from the defaults (``groups`` as a mapping)."""
+        return {name: dict(value) if name == "groups" else value for name, value in self._changes}
+
+    # Every generated case records its config's changes: compared field by field once per
+    # (immutable) config. cached_property writes the instance __dict__, which a frozen
+    # dataclass allows; it is no field, so equality, hashing and replace() ignore it.
+    @functools.cached_property
+    def _changes(self) -> tuple[tuple[str, Any], ...]:
         default = DEFAULT_CONFIG
-        changed: dict[str, Any] = {}
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if value != getattr(default, spec.name):
-                changed[spec.name] = dict(value) if spec.name == "groups" else value
-        return changed
+        return tuple(
+            (spec.name, getattr(self, spec.name))
+            for spec in dataclasses.fields(self)
+            if getattr(self, spec.name) != getattr(default, spec.name)
+        )
 
 
 DEFAULT_CONFIG: Final = GeneratorConfig()

@@ -8,12 +8,11 @@ the number of workers or the order cases are made in.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, Final
 
 from lassfuzz.arch import MASK64
-from lassfuzz.case import TestCase
+from lassfuzz.case import Page, TestCase
 from lassfuzz.generator.choices import Chooser, RandomChooser, Weighted
 from lassfuzz.generator.config import DEFAULT_CONFIG, GROUPS, ConfigError, GeneratorConfig
 from lassfuzz.generator.instructions import (
@@ -74,7 +73,9 @@ def build_case(chooser: Chooser, config: GeneratorConfig, meta: dict[str, Any]) 
     groups = builder.build(count, body, last, ALL_BUILDERS)
     code = assemble(groups, layout.code_address, builder.bits)
     pad_code = landing_pad((layout.code_address + len(code)) & MASK64, builder.bits)
-    pads = tuple(replace(pad, data=pad_code) for pad in layout.pads)
+    pads = tuple(
+        Page(address, user=user, writable=False, data=pad_code) for address, user in layout.pads
+    )
     code_pages = () if layout.code_page is None else (layout.code_page,)
     return TestCase(
         state=setup.state(),

@@ -18,6 +18,7 @@ and branch instructions (``b.bits``), so one builder serves both modes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
@@ -66,14 +67,14 @@ from lassfuzz.generator.layout import (
 GroupIndex = int
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Fixed:
     """An instruction whose encoding does not depend on where it is placed."""
 
     instruction: Instruction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Branch:
     """A relative branch to a later group; the short form is used when it surely reaches."""
 
@@ -82,7 +83,7 @@ class Branch:
     target: GroupIndex
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CodeAddress:
     """``mov register, imm64`` loading the address of a later group (for indirect branches)."""
 
@@ -117,57 +118,59 @@ def assemble(groups: Sequence[Sequence[Op]], address: int, bits: int = 64) -> by
     """Encode ``groups`` at ``address`` for ``bits``-bit code: two passes, so branch forms and
     targets are exact."""
     encoder = Encoder(bits)
-    flat = [(index, op) for index, group in enumerate(groups) for op in group]
-    fixed: dict[int, bytes] = {}
-    upper: list[int] = []  # a size no encoding of the op exceeds
-    for position, (_, op) in enumerate(flat):
-        if isinstance(op, Fixed):
-            encoder.encode(op.instruction, 0)
-            fixed[position] = encoder.take_buffer()
-            upper.append(len(fixed[position]))
-        elif isinstance(op, Branch):
-            upper.append(_branch_size(op.near))
-        else:
-            upper.append(_MOV_IMM_SIZE[bits])
-    group_start = [0] * (len(groups) + 1)  # first flat position of each group (and the end)
-    position = 0
-    for index, group in enumerate(groups):
-        group_start[index] = position
-        position += len(group)
-    group_start[len(groups)] = position
-    before = [0]
-    for size in upper:
-        before.append(before[-1] + size)
+    encode = encoder.encode
+    # Pass 1: every Fixed op is encoded once, into one buffer (at IP 0: its encoding does not
+    # depend on it); the others are sized at a bound no encoding of theirs exceeds. Offsets
+    # here are such bounds: where everything would be if every op took its largest size.
+    starts: list[int] = []  # the bound offset of each group (and of the end)
+    placed: list[tuple[int, int, int, Branch | CodeAddress]] = []  # (bound, fixed, size, op)
+    bound = variable = 0  # variable: the bound size of the ops that are not Fixed
+    for group in groups:
+        starts.append(bound)
+        for op in group:
+            if isinstance(op, Fixed):
+                bound += encode(op.instruction, 0)
+            else:
+                size = _branch_size(op.near) if isinstance(op, Branch) else _MOV_IMM_SIZE[bits]
+                placed.append((bound, bound - variable, size, op))
+                bound += size
+                variable += size
+    fixed = encoder.take_buffer()
+    if not placed:
+        return fixed
+    starts.append(bound)
+    end = len(groups)
+    # A branch is short when it reaches even at the bounds; each short one saves bytes for
+    # everything after it (every op has a size, so bounds order ops as positions do).
+    savings: list[tuple[int, int]] = []  # (bound of a short branch, bytes saved)
+    for bound, _, size, op in placed:
+        if (
+            isinstance(op, Branch)
+            and op.short is not None
+            and starts[min(op.target, end)] - (bound + size) <= 127
+        ):
+            savings.append((bound, size - 2))
 
-    def start_position(target: GroupIndex) -> int:
-        return group_start[min(target, len(groups))]
+    def final(bound: int) -> int:
+        """The address of what is at ``bound``, with short branches in place."""
+        return (address + bound - sum(saved for at, saved in savings if at < bound)) & MASK64
 
-    short: set[int] = set()
-    for position, (_, op) in enumerate(flat):
-        if isinstance(op, Branch) and op.short is not None:
-            reach = before[start_position(op.target)] - before[position + 1]
-            if reach <= 127:
-                short.add(position)
-    offsets = [0]
-    for position, size in enumerate(upper):
-        offsets.append(offsets[-1] + (2 if position in short else size))
-
-    def target_address(target: GroupIndex) -> int:
-        return (address + offsets[start_position(target)]) & MASK64
-
+    # Pass 2: the Fixed bytes, with the other ops encoded at their final addresses in between.
+    shorts = {at for at, _ in savings}
     out = bytearray()
-    for position, (_, op) in enumerate(flat):
-        ip = (address + offsets[position]) & MASK64
-        if isinstance(op, Fixed):
-            out += fixed[position]
-            continue
+    copied = 0
+    for bound, fixed_before, _, op in placed:
+        out += fixed[copied:fixed_before]
+        copied = fixed_before
+        target = final(starts[min(op.target, end)])
         if isinstance(op, Branch):
-            code = op.short if position in short and op.short is not None else op.near
-            instruction = Instruction.create_branch(code, target_address(op.target))
+            code = op.short if bound in shorts and op.short is not None else op.near
+            instruction = Instruction.create_branch(code, target)
         else:
-            instruction = load_immediate(op.register, target_address(op.target), bits)
-        encoder.encode(instruction, ip)
+            instruction = load_immediate(op.register, target, bits)
+        encode(instruction, final(bound))
         out += encoder.take_buffer()
+    out += fixed[copied:]
     return bytes(out)
 
 
@@ -220,6 +223,31 @@ def sized(register: RegisterValue, size: int) -> RegisterValue:
     return _SIZED[(_FULL[register], size)]
 
 
+#: Address base registers and their views by bitness (32-bit code has no R12-R15).
+_BASES: Final = {
+    bits: tuple(
+        (register, sized(register, bits))
+        for register in (*homes, *STRING_REGISTERS, Register.RBP, Register.RSP)
+    )
+    for bits, homes in ((64, HOME_REGISTERS), (32, ()))
+}
+
+
+def _views(registers: Sequence[RegisterValue]) -> dict[int, tuple[RegisterValue, ...]]:
+    """``registers`` as views of each operand size."""
+    return {size: tuple(sized(register, size) for register in registers) for size in SIZES}
+
+
+#: Scratch and readable registers by bitness, as views of each size.
+_SCRATCH_VIEWS: Final = {64: _views(SCRATCH_REGISTERS), 32: _views(SCRATCH_32)}
+_READABLE_VIEWS: Final = {
+    64: _views(READABLE),
+    # 32-bit code has no SIL/DIL: its readable byte registers are the scratch ones.
+    32: {**_views(READABLE_32), 8: _SCRATCH_VIEWS[32][8]},
+}
+
+
+@functools.cache  # looking an iced Code up by name is slow (~0.5 us); builders do it often
 def _code(name: str) -> CodeValue:
     return cast("CodeValue", getattr(Code, name))
 
@@ -294,6 +322,27 @@ _STRING_SIZES: Final = {"B": 1, "W": 2, "D": 4, "Q": 8}
 class CodeBuilder:
     """Draws the instruction groups of one case (a fresh builder per case)."""
 
+    # Slots: the builders read these attributes hundreds of times per case.
+    __slots__ = (
+        "bases",
+        "bits",
+        "chooser",
+        "config",
+        "groups",
+        "incoming",
+        "index_trusted",
+        "index_value",
+        "layout",
+        "mask",
+        "overrides",
+        "rbp_trusted",
+        "scratch_registers",
+        "segment_bases",
+        "setup",
+        "sizes",
+        "undefined",
+    )
+
     def __init__(self, chooser: Chooser, config: GeneratorConfig, setup: Setup) -> None:
         self.chooser = chooser
         self.config = config
@@ -303,7 +352,6 @@ class CodeBuilder:
         self.bits = 32 if setup.control.mode == "compat" else 64
         self.sizes = SIZES if self.bits == 64 else SIZES[:3]
         self.scratch_registers = SCRATCH_REGISTERS if self.bits == 64 else SCRATCH_32
-        self.readable_registers = READABLE if self.bits == 64 else READABLE_32
         #: Linear addresses wrap at 2^64, or at 2^32 in compatibility mode.
         self.mask = MASK64 if self.bits == 64 else 0xFFFF_FFFF
         self.groups: list[list[Op]] = []
@@ -317,16 +365,14 @@ class CodeBuilder:
         self.index_trusted = self.bits == 64
         #: Segment overrides still at their initial base (loading FS or GS changes the base).
         self.overrides: tuple[RegisterValue, ...] = _SEGMENT_OVERRIDES
-        #: Address bases and their (fixed) values; Register.NONE is an absolute disp32.
-        homes = HOME_REGISTERS if self.bits == 64 else ()
+        #: Address bases and their (fixed) values; Register.NONE is an absolute disp32. RBP
+        #: leaves them when it is no longer trusted (:meth:`distrust_rbp`).
+        values = dict(self.layout.registers)
         self.bases: tuple[tuple[RegisterValue, int], ...] = (
             (Register.NONE, 0),
-            *(
-                (sized(register, self.bits), self.layout.value(register))
-                for register in (*homes, *STRING_REGISTERS, Register.RBP, Register.RSP)
-            ),
+            *[(view, values.get(register, 0)) for register, view in _BASES[self.bits]],
         )
-        self.index_value = self.layout.value(INDEX_REGISTER)
+        self.index_value = values.get(INDEX_REGISTER, 0)
         self.segment_bases = {
             Register.NONE: 0,
             Register.SS: 0,
@@ -346,21 +392,21 @@ class CodeBuilder:
         """Emit groups totalling exactly ``count`` instructions; ``last`` picks the final one.
         ``builders`` maps group names to builders (default :data:`BUILDERS`)."""
         table = BUILDERS if builders is None else builders
+        groups, incoming, weighted = self.groups, self.incoming, self.chooser.weighted
+        system = self.setup.system is not None
         emitted = 0
         while emitted < count:
             room = count - emitted
-            index = len(self.groups)
-            self.undefined |= self.incoming.pop(index, 0)
-            if self.setup.system is not None and self.undefined and room >= 2:
+            self.undefined |= incoming.pop(len(groups), 0)
+            if system and self.undefined and room >= 2:
                 # With an IDT every fault pushes RFLAGS (and SYSCALL saves it in R11): define
                 # the status flags again at once, or the reference model cannot run the case.
                 group = self.define_flags(RFLAGS_STATUS, room) or self._fallback()
             else:
-                kind = self.chooser.weighted(last if room == 1 else body)
-                group = table[kind](self, room) or self._fallback()
-            self.groups.append(group)
+                group = table[weighted(last if room == 1 else body)](self, room) or self._fallback()
+            groups.append(group)
             emitted += len(group)
-        return self.groups
+        return groups
 
     def _fallback(self) -> list[Op]:
         """The simplest instruction: used when a group does not fit the remaining room."""
@@ -370,12 +416,10 @@ class CodeBuilder:
     # -- registers, immediates, flags ------------------------------------------------------------
 
     def scratch(self, size: int) -> RegisterValue:
-        return sized(self.chooser.choice(self.scratch_registers), size)
+        return self.chooser.choice(_SCRATCH_VIEWS[self.bits][size])
 
     def readable(self, size: int) -> RegisterValue:
-        # 32-bit code has no SIL/DIL: its byte registers are the scratch ones.
-        registers = self.scratch_registers if size == 8 and self.bits == 32 else None
-        return sized(self.chooser.choice(registers or self.readable_registers), size)
+        return self.chooser.choice(_READABLE_VIEWS[self.bits][size])
 
     def immediate(self, size: int) -> int:
         """A signed immediate that fits ``size`` bits (at most 32: imm32 is sign-extended)."""
@@ -403,6 +447,11 @@ class CodeBuilder:
         self.flags(RFLAGS_STATUS)
         return [Fixed(cmp)]
 
+    def distrust_rbp(self) -> None:
+        """After LEAVE: RBP comes from memory, so it is no address base from now on."""
+        self.rbp_trusted = False
+        self.bases = tuple(base for base in self.bases if base[0] not in _FRAME_POINTERS)
+
     def forward(self) -> GroupIndex:
         """A later group (possibly the code end), recording the flags that flow there."""
         target = len(self.groups) + self.chooser.integer(1, 6)
@@ -414,28 +463,27 @@ class CodeBuilder:
     def address(self, size: int, *, aligned: bool = False) -> int:
         """A linear address near a target page, biased to page ends and the 2^64 wrap;
         ``aligned`` rounds it down to a multiple of ``size``."""
-        if size > 1 and not aligned and self.chooser.boolean(self.config.p_wrap_access):
+        chooser = self.chooser
+        if size > 1 and not aligned and chooser.boolean(self.config.p_wrap_access):
             # Straddle 2^64: an absolute disp32 reaches it (sign-extended) from any segment base 0.
-            return (-self.chooser.integer(1, size - 1)) & MASK64
+            return (-chooser.integer(1, size - 1)) & MASK64
         safe = self.layout.safe_targets
-        if safe and self.chooser.boolean(self.config.p_safe_access):
-            page = self.chooser.choice(safe)
-            offset = self.chooser.integer(0, PAGE_SIZE // size - 1) * size
-            return page + offset
-        page = self.chooser.choice(self.layout.targets)
-        kind = self.chooser.weighted(_OFFSET_KINDS)
+        if safe and chooser.boolean(self.config.p_safe_access):
+            return chooser.choice(safe) + chooser.integer(0, PAGE_SIZE // size - 1) * size
+        page = chooser.choice(self.layout.targets)
+        kind = chooser.weighted(_OFFSET_KINDS)
         if kind == "start":
             offset = 0
         elif kind == "aligned":
-            offset = self.chooser.integer(0, PAGE_SIZE // size - 1) * size
+            offset = chooser.integer(0, PAGE_SIZE // size - 1) * size
         elif kind == "last":
             offset = PAGE_SIZE - size
         elif kind == "cross" and size > 1:
-            offset = PAGE_SIZE - size + self.chooser.integer(1, size - 1)
+            offset = PAGE_SIZE - size + chooser.integer(1, size - 1)
         elif kind == "wrap-end":  # the last bytes of the page, whatever the size
-            offset = PAGE_SIZE - self.chooser.integer(1, 8)
+            offset = PAGE_SIZE - chooser.integer(1, 8)
         else:
-            offset = self.chooser.integer(0, PAGE_SIZE - 1)
+            offset = chooser.integer(0, PAGE_SIZE - 1)
         if aligned:
             offset -= offset % size
         return (page + offset) & MASK64
@@ -448,12 +496,13 @@ class CodeBuilder:
     def memory(self, size: int, *, aligned: bool = False) -> MemoryOperand:
         """A memory operand whose effective address is an :meth:`address`, by construction."""
         target = self.address(size, aligned=aligned)
+        chooser, config = self.chooser, self.config
         segment = Register.NONE
-        if self.chooser.boolean(self.config.p_segment_override) and self.overrides:
-            segment = self.chooser.choice(self.overrides)
+        if chooser.boolean(config.p_segment_override) and self.overrides:
+            segment = chooser.choice(self.overrides)
         scale = 0
-        if self.chooser.boolean(self.config.p_index) and self.index_trusted:
-            scale = self.chooser.choice((1, 2, 4, 8))
+        if chooser.boolean(config.p_index) and self.index_trusted:
+            scale = chooser.choice((1, 2, 4, 8))
         operand = self._operand(target, segment, scale)
         if operand is None:  # no base reaches it with that segment/index: drop them
             operand = self._operand(target, Register.NONE, 0)
@@ -466,15 +515,14 @@ class CodeBuilder:
         if self.bits == 32:
             return self._operand32(target, segment)
         origin = self.segment_bases[segment] + (self.index_value * scale if scale else 0)
-        # Bias by 2^63 so that "fits in a signed 32-bit displacement" is one range check.
-        biased = target - origin + _BIAS
+        # Offset by 2^31 so that "fits in a signed 32-bit displacement" is one range check.
+        offset_target = target - origin + _DISP_OFFSET
+        mask, span = MASK64, _DISP_SPAN
         reachable: list[tuple[RegisterValue, int]] = []
         for register, value in self.bases:
-            distance = (biased - value) & MASK64
-            if _DISP_LO <= distance < _DISP_HI and (
-                register not in _FRAME_POINTERS or self.rbp_trusted
-            ):
-                reachable.append((register, distance - _BIAS))
+            distance = (offset_target - value) & mask
+            if distance < span:
+                reachable.append((register, distance - _DISP_OFFSET))
         if not reachable:
             return None
         base, displacement = self.chooser.choice(reachable)
@@ -491,12 +539,7 @@ class CodeBuilder:
 
     def _operand32(self, target: int, segment: RegisterValue) -> MemoryOperand:
         """32-bit addressing: every base reaches every target, modulo 2^32."""
-        usable = [
-            (register, value)
-            for register, value in self.bases
-            if register not in _FRAME_POINTERS or self.rbp_trusted
-        ]
-        base, value = self.chooser.choice(usable)
+        base, value = self.chooser.choice(self.bases)
         displacement = (target - self.segment_bases[segment] - value) & 0xFFFF_FFFF
         if displacement >= 1 << 31:
             displacement -= 1 << 32
@@ -506,9 +549,8 @@ class CodeBuilder:
         return MemoryOperand(base, Register.NONE, 1, displacement, size, False, segment)
 
 
-_BIAS: Final = 1 << 63
-_DISP_LO: Final = _BIAS - (1 << 31)
-_DISP_HI: Final = _BIAS + (1 << 31)
+_DISP_OFFSET: Final = 1 << 31
+_DISP_SPAN: Final = 1 << 32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -770,7 +812,7 @@ def _flags(b: CodeBuilder, room: int) -> list[Op] | None:
 
 def _enter_leave(b: CodeBuilder, room: int) -> list[Op]:
     if b.rbp_trusted and b.chooser.boolean(0.4):
-        b.rbp_trusted = False  # RBP now comes from memory: see CodeBuilder.rbp_trusted
+        b.distrust_rbp()
         return [Fixed(Instruction.create(_code(f"LEAVE{_stack_width(b)}")))]
     size = b.chooser.choice((0, 8, 0x20, 0x100))
     # Nesting level 0 only: the reference model does not model the frame-pointer copies.

@@ -19,6 +19,7 @@ there). Descriptor tables (:func:`draw_system`) live in table regions of their o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
@@ -94,6 +95,11 @@ COMPAT_ENTRY_CODE: Final = bytes.fromhex("900f0b")
 #: The stack those transfers load (the page above the entry page): below 4 GiB, so that ESP
 #: and RSP agree; a 64-bit RSP would make the next push address undefined.
 COMPAT_STACK_TOP: Final = COMPAT_ENTRY + 2 * PAGE_SIZE
+#: The entry and stack pages (the same in every such case).
+_COMPAT_PAGES: Final = (
+    Page(COMPAT_ENTRY, user=True, writable=False, data=COMPAT_ENTRY_CODE),
+    Page(COMPAT_STACK_TOP - PAGE_SIZE, user=True),
+)
 #: Ordinary data and stack pages are drawn from these ranges (far from the code regions).
 DATA_RANGES: Final = (
     (0x0000_0001_0000_0000, 0x0000_7FFF_0000_0000),
@@ -224,27 +230,21 @@ class Layout:
     ``targets`` are the page bases memory operands aim at (mapped, unmapped and non-canonical);
     ``safe_targets`` the mapped ones the case's CPL can read and write without any fault, so
     that most accesses succeed and later instructions run. ``far_targets`` are branch targets
-    outside the code (landing pads, unmapped pages, non-canonical addresses). ``pads`` are
-    landing-pad pages whose code is filled in once the case's code end is known.
+    outside the code (landing pads, unmapped pages, non-canonical addresses). ``pads`` are the
+    landing-pad pages' addresses and U/S bits: their pages are made once the case's code end,
+    their code, is known.
     """
 
     pages: tuple[Page, ...]
     code_address: int
     code_page: Page | None
-    pads: tuple[Page, ...]
+    pads: tuple[tuple[int, bool], ...]
     targets: tuple[int, ...]
     safe_targets: tuple[int, ...]
     far_targets: tuple[int, ...]
     registers: tuple[tuple[RegisterValue, int], ...]
     fs_base: int
     gs_base: int
-
-    def value(self, register: RegisterValue) -> int:
-        """Initial value of an address register (0 for registers the layout does not set)."""
-        for reg, value in self.registers:
-            if reg == register:
-                return value
-        return 0
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class Setup:
         # The upper halves of the GPRs are undefined after a switch to a 32-bit mode (SDM Vol. 1
         # 3.4.1.1): compatibility-mode cases start with 32-bit values throughout.
         mask = MASK64 if self.control.mode == "64" else 0xFFFF_FFFF
-        gprs = tuple(values.get(_GPR_REGISTERS[name], 0) & mask for name in GPR_NAMES)
+        gprs = tuple(values.get(register, 0) & mask for register in _GPR_REGISTERS)
         control = self.control
         return State(
             mode=control.mode,
@@ -284,7 +284,8 @@ class Setup:
         )
 
 
-_GPR_REGISTERS: Final = {name: getattr(Register, name.upper()) for name in GPR_NAMES}
+#: The iced register of each GPR, in :data:`lassfuzz.arch.GPR_NAMES` order.
+_GPR_REGISTERS: Final = tuple(getattr(Register, name.upper()) for name in GPR_NAMES)
 
 
 def draw_control(chooser: Chooser, config: GeneratorConfig) -> Control:
@@ -320,22 +321,34 @@ def draw_control(chooser: Chooser, config: GeneratorConfig) -> Control:
     )
 
 
-def _page(chooser: Chooser, config: GeneratorConfig, address: int) -> Page:
-    """A data page with independently drawn U/S, R/W, NX, P, A, D bits and a little content."""
+def _page(
+    chooser: Chooser, config: GeneratorConfig, address: int, usable_user: bool | None = None
+) -> Page:
+    """A data page with independently drawn U/S, R/W, NX, P, A, D bits and a little content.
+
+    With ``usable_user`` (the stack) it is mostly a plain present, writable page with that U/S
+    bit and the drawn content instead, so that later instructions run.
+    """
     natural = half_of(address) == 0
     user = not natural if chooser.boolean(1.0 - config.p_natural_user_bit) else natural
     accessed_dirty = chooser.choice((0, 0, 1, 2))  # A/D clear, A set, A and D set
     size = chooser.choice((0, 16, 64))
+    writable = not chooser.boolean(0.15)
+    nx = chooser.boolean(0.2)
+    present = not chooser.boolean(0.1)
+    # Without trailing zeros: the JSON form drops them, so cases round-trip exactly.
+    data = chooser.data(size).rstrip(b"\0") if size else b""
+    if usable_user is not None and not chooser.boolean(0.2):
+        return Page(address, user=usable_user, data=data)
     return Page(
         address=address,
         user=user,
-        writable=not chooser.boolean(0.15),
-        nx=chooser.boolean(0.2),
-        present=not chooser.boolean(0.1),
+        writable=writable,
+        nx=nx,
+        present=present,
         accessed=accessed_dirty > 0,
         dirty=accessed_dirty > 1,
-        # Without trailing zeros: the JSON form drops them, so cases round-trip exactly.
-        data=chooser.data(size).rstrip(b"\0") if size else b"",
+        data=data,
     )
 
 
@@ -375,11 +388,8 @@ def draw_layout(
     else:
         stack_page = _ordinary_page(chooser, shape, stack_half)
     if stack_page not in pages:
-        stack = _page(chooser, config, stack_page)
-        if not chooser.boolean(0.2):  # mostly a usable stack, so that later instructions run
-            user = cpl == 3 if compat else half_of(stack_page) == 0
-            stack = Page(stack_page, user=user, data=stack.data)
-        pages[stack_page] = stack
+        user = cpl == 3 if compat else half_of(stack_page) == 0
+        pages[stack_page] = _page(chooser, config, stack_page, usable_user=user)
     rsp = (stack_page + chooser.weighted(_RSP_OFFSETS)) & shape.mask
     rbp = (rsp + chooser.choice(_RBP_ABOVE_RSP)) & shape.mask
 
@@ -419,16 +429,16 @@ def draw_layout(
 
     # Landing pads and far branch targets in the other half (branch-then-fetch).
     other_half = 0 if compat else 1 - code_half
-    pads: list[Page] = []
+    pads: tuple[tuple[int, bool], ...] = ()
     if chooser.boolean(0.7):
         pad_address = PAD_REGIONS[other_half] + chooser.integer(0, 15) * PAGE_SIZE
         natural_user = other_half == 0
         user = (
             not natural_user if chooser.boolean(1.0 - config.p_natural_user_bit) else natural_user
         )
-        pads.append(Page(pad_address, user=user, writable=False))
+        pads = ((pad_address, user),)
     far_targets = (
-        *(pad.address for pad in pads),
+        *(address for address, _ in pads),
         PAD_REGIONS[other_half] + 0x10_0000,  # unmapped, other half
         PAD_REGIONS[code_half] + 0x10_0000,  # unmapped, same half
         *((chooser.choice(shape.non_canonical),) if shape.non_canonical else ()),
@@ -440,10 +450,10 @@ def draw_layout(
                 targets.append(neighbour)
     targets.extend(page for page in shape.non_canonical if chooser.boolean(0.3))
     return Layout(
-        pages=tuple(pages[address] for address in sorted(pages)),
+        pages=tuple(pages[address] for address in data_pages),
         code_address=code_address,
         code_page=code_page,
-        pads=tuple(pads),
+        pads=pads,
         targets=tuple(targets),
         safe_targets=safe_targets,
         far_targets=far_targets,
@@ -491,39 +501,63 @@ def draw_system(
     handler = addresses[_HANDLER] + chooser.choice((0, 0x100))
     rsp0 = addresses[_KERNEL_STACK] + chooser.weighted(_KERNEL_RSP_OFFSETS)
     tables = Tables(
-        gdt=addresses[_GDT], idt=addresses[_IDT], tss=addresses[_TSS], handler=handler, rsp0=rsp0
+        gdt=addresses[_GDT],
+        idt=addresses[_IDT],
+        tss=addresses[_TSS],
+        handler=handler,
+        rsp0=rsp0,
+        # Like Linux: #DF on a stack of its own.
+        df_stack=addresses[_DF_STACK] + PAGE_SIZE if chooser.boolean(0.5) else 0,
+        # Far CALL through a call gate to the handler.
+        call_gate=handler if chooser.boolean(0.5) else 0,
     )
-    if chooser.boolean(0.5):  # like Linux: #DF on a stack of its own
-        tables = replace(tables, df_stack=addresses[_DF_STACK] + PAGE_SIZE)
-    if chooser.boolean(0.5):  # far CALL through a call gate to the handler
-        tables = replace(tables, call_gate=handler)
     if chooser.boolean(config.p_unusual_descriptor):
         tables = _unusual(chooser, tables, addresses[_IST_STACK], control.cpl)
-    contents = tables.contents()
-    contents[addresses[_KERNEL_STACK]] = b""
-    if tables.ist1:
-        contents[addresses[_IST_STACK]] = b""
-    if tables.df_stack:
-        contents[addresses[_DF_STACK]] = b""
+    stacks = (
+        addresses[_KERNEL_STACK],
+        *((addresses[_IST_STACK],) if tables.ist1 else ()),
+        *((addresses[_DF_STACK],) if tables.df_stack else ()),
+    )
+    contents = _table_contents(tables, stacks)
     handler_page = handler & ~(PAGE_SIZE - 1)
     # Supervisor pages as an OS maps them, so that LASS alone decides; now and then one user
     # page, which SMAP guards against implicit accesses (never the handler's: with SMEP every
     # delivery would fault again).
     user_page = None
     if chooser.boolean(_P_USER_TABLE_PAGE):
-        user_page = chooser.choice(sorted(set(contents) - {handler_page}))
-    pages = tuple(
-        Page(address, user=address == user_page, writable=address != handler_page, data=data)
-        for address, data in sorted(contents.items())
-    )
-    system = tables.system(mode=control.mode, cpl=control.cpl)
+        user_page = chooser.choice([address for address, _ in contents if address != handler_page])
+    lstar = chooser.choice((handler, *(address for address, _ in layout.pads), _UNMAPPED_USER))
+    sfmask = RFLAGS_AC if chooser.boolean(config.p_sfmask_ac) else 0
+    sfmask |= chooser.choice((0, RFLAGS_TF | RFLAGS_DF | RFLAGS_IF))
+    system = replace(tables.system(mode=control.mode, cpl=control.cpl), lstar=lstar, sfmask=sfmask)
     if control.mode == "compat":  # a null FS/GS would fault on use in a 32-bit mode
         stack = STACK_SELECTOR[control.cpl]
         system = replace(system, fs=stack, gs=stack)
-    lstar = chooser.choice((handler, *(pad.address for pad in layout.pads), _UNMAPPED_USER))
-    sfmask = RFLAGS_AC if chooser.boolean(config.p_sfmask_ac) else 0
-    sfmask |= chooser.choice((0, RFLAGS_TF | RFLAGS_DF | RFLAGS_IF))
-    return replace(system, lstar=lstar, sfmask=sfmask), pages
+    return system, _table_pages(contents, handler_page, user_page)
+
+
+# A few thousand table layouts recur over and over, and their pages (the IDT alone is 4 KiB)
+# are immutable: built once, shared by the cases that draw them.
+@functools.lru_cache(maxsize=2048)
+def _table_contents(tables: Tables, stacks: tuple[int, ...]) -> tuple[tuple[int, bytes], ...]:
+    """(page address, data) of the tables, the handler and the kernel ``stacks`` (empty), in
+    address order."""
+    contents = tables.contents()
+    for stack in stacks:
+        contents[stack] = b""
+    return tuple(sorted(contents.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_pages(
+    contents: tuple[tuple[int, bytes], ...], handler_page: int, user_page: int | None
+) -> tuple[Page, ...]:
+    """The pages of :func:`_table_contents`: supervisor pages but ``user_page``, all writable
+    but the handler's."""
+    return tuple(
+        Page(address, user=address == user_page, writable=address != handler_page, data=data)
+        for address, data in contents
+    )
 
 
 #: Kernel stack pointers inside their page: the top, the middle, and close enough to the bottom
@@ -573,6 +607,4 @@ def draw_setup(chooser: Chooser, config: GeneratorConfig) -> Setup:
     system, pages = draw_system(chooser, config, control, layout)
     if control.mode == "compat":
         return Setup(control, layout, scratch, system, pages)
-    entry = Page(COMPAT_ENTRY, user=True, writable=False, data=COMPAT_ENTRY_CODE)
-    stack = Page(COMPAT_STACK_TOP - PAGE_SIZE, user=True)
-    return Setup(control, layout, scratch, system, (*pages, entry, stack), COMPAT_ENTRY)
+    return Setup(control, layout, scratch, system, (*pages, *_COMPAT_PAGES), COMPAT_ENTRY)

@@ -14,6 +14,7 @@ base then changes) no operand uses that override.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Final, cast
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
@@ -89,6 +90,7 @@ _RFLAGS_VALUES: Final = tuple(
 )
 
 
+@functools.cache  # looking an iced Code up by name is slow (~0.5 us)
 def _code(name: str) -> CodeValue:
     return cast("CodeValue", getattr(Code, name))
 
