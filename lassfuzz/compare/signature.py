@@ -68,12 +68,30 @@ class Signature:
         )
 
 
+#: The emulator's outcome class when its first fault (if any) is not at the reference's first
+#: fault: it went past the fault the architecture raises there, and what it did next (completed,
+#: faulted later, shut down), like the kind of the first difference that made, depends on the
+#: rest of the case, not on the bug; the divergence is then MISSED_FAULT. Measured on the bochs
+#: policy's two deviations, 60 s: 451 signatures before, 242 with family "fetch" for fetch
+#: faults, 88 with this too.
+ELSEWHERE = "elsewhere"
+MISSED_FAULT = "missed-fault"
+
+
 def signature_of(
     case: TestCase, reference: Outcome, emulator: Outcome, divergence: Divergence
 ) -> Signature:
     """Compute the signature of ``divergence`` between two outcomes of ``case``."""
     fault = _describing_fault(reference, emulator)
-    kind = divergence_key(divergence)
+    expected, seen = _first_fault(reference), _first_fault(emulator)
+    kind, reference_class, emulator_class = (
+        divergence_key(divergence),
+        reference.summary,
+        emulator.summary,
+    )
+    if expected is not None and (seen is None or seen.rip != expected.rip):
+        # How the reference's delivery of the fault ended is downstream of the miss too.
+        kind, reference_class, emulator_class = MISSED_FAULT, expected.name, ELSEWHERE
     access, half = "none", "none"
     if fault is not None and fault.access is not None:
         access = fault.access
@@ -81,8 +99,8 @@ def signature_of(
         half = "supervisor" if fault.address >> 63 else "user"
     return Signature(
         divergence=kind,
-        reference=reference.summary,
-        emulator=emulator.summary,
+        reference=reference_class,
+        emulator=emulator_class,
         access=access,
         half=half,
         cpl=case.state.cpl,
@@ -110,26 +128,30 @@ def data_signature(case: TestCase, divergence: Divergence, culprit: Culprit) -> 
     )
 
 
+def _first_fault(outcome: Outcome) -> Fault | None:
+    """The fault that ended the case, or for cases with an IDT the first event."""
+    if outcome.fault is not None:
+        return outcome.fault
+    return outcome.events[0] if outcome.events else None
+
+
 def _describing_fault(reference: Outcome, emulator: Outcome) -> Fault | None:
-    """The fault that explains the divergence: the reference's if any, else the emulator's
-    (for cases with an IDT: the first event)."""
-    for outcome in (reference, emulator):
-        if outcome.fault is not None:
-            return outcome.fault
-        if outcome.events:
-            return outcome.events[0]
-    return None
+    """The fault that explains the divergence: the reference's if any, else the emulator's."""
+    return _first_fault(reference) or _first_fault(emulator)
 
 
 def family_at_fault(case: TestCase, fault: Fault | None) -> str:
     """Family of the faulting instruction when it lies in the case's code, else a coarse label.
 
-    A fetch fault reports RIP = the branch target, outside the code: its family is "fetch".
+    A fetch fault's instruction was never fetched, so its bytes say nothing about the fault
+    (and its RIP is often a branch target outside the code): its family is "fetch".
     """
     if fault is None:
         return "none"
+    if fault.access == "fetch":
+        return "fetch"
     offset = (fault.rip - case.code_address) & 0xFFFF_FFFF_FFFF_FFFF
     if offset >= len(case.code):
-        return "fetch" if fault.access == "fetch" else "outside-code"
+        return "outside-code"
     bits = 32 if case.state.mode == "compat" else 64
     return family_at(case.code[offset : offset + MAX_INSTRUCTION_LENGTH], fault.rip, bits)
