@@ -69,26 +69,34 @@ class Descriptor:
         """D/B: 32-bit default operand size (code) or 32-bit stack (data)."""
         return bool((self.low >> 54) & 1)
 
+    # The access byte is bits 47:40: P, DPL, S, then the type (bit 43 executable, bit 42
+    # conforming/expand-down, bit 41 readable/writable). The flags below test those bits
+    # directly (each is "S = 1 and ...").
+
     @property
     def code(self) -> bool:
-        return not self.system and bool(self.type & 8)
+        """S = 1, executable."""
+        return (self.low >> 43) & 0b11 == 0b11
 
     @property
     def data(self) -> bool:
-        return not self.system and not self.type & 8
+        """S = 1, not executable."""
+        return (self.low >> 43) & 0b11 == 0b10
 
     @property
     def conforming(self) -> bool:
-        return self.code and bool(self.type & 4)
+        """A code segment with C = 1."""
+        return (self.low >> 42) & 0b111 == 0b111
 
     @property
     def readable(self) -> bool:
         """Data segments are always readable; code segments when R = 1."""
-        return self.data or (self.code and bool(self.type & 2))
+        return self.data or (self.low >> 41) & 0b1101 == 0b1101
 
     @property
     def writable(self) -> bool:
-        return self.data and bool(self.type & 2)
+        """A data segment with W = 1."""
+        return (self.low >> 41) & 0b1101 == 0b1001
 
     @property
     def base(self) -> int:
@@ -274,11 +282,17 @@ def boot(cpu: Cpu, phys: PhysicalMemory, state: State) -> str | None:
     assert system is not None
 
     frames: dict[int, int | None] = {}
+    # Nothing is written during the boot, so a descriptor read twice (SS, DS, ES... often share
+    # a selector) is the same both times.
+    descriptors: dict[tuple[int, bool], Descriptor] = {}
 
     def read(selector: int, wide: bool) -> Descriptor | str:
         address = descriptor_address(system, selector, 16 if wide else 8)
         if address is None:
             return f"selector {selector:#x} beyond its table limit"
+        descriptor = descriptors.get((address, wide))
+        if descriptor is not None:
+            return descriptor
         if not is_canonical(address, cpu.la57):
             return f"descriptor of selector {selector:#x} at non-canonical {address:#x}"
         raw = bytearray()
@@ -290,8 +304,12 @@ def boot(cpu: Cpu, phys: PhysicalMemory, state: State) -> str | None:
             frame = frames[page]
             if frame is None or (linear & 0xFFF) > 0xFF8:
                 return f"descriptor of selector {selector:#x} is not in mapped memory"
-            raw += phys.frame(frame)[linear & 0xFFF :][:8]
-        return Descriptor(int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+            raw += phys.read(frame + (linear & 0xFFF), 8)
+        descriptor = Descriptor(
+            int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+        )
+        descriptors[address, wide] = descriptor
+        return descriptor
 
     selectors = system.selectors
     for index, wanted in ((LDTR, TYPE_LDT), (TR, None)):

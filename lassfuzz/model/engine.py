@@ -9,7 +9,7 @@ case with descriptor tables, exceptions and INT n are delivered through the IDT
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from lassfuzz.arch import (
     CR4_PAE,
@@ -45,6 +45,9 @@ from lassfuzz.model.observe import Observer
 from lassfuzz.model.physical import PhysicalMemory
 from lassfuzz.model.state import Cpu
 from lassfuzz.outcome import Fault, Outcome, Status
+
+if TYPE_CHECKING:
+    import iced_x86 as iced
 
 #: RFLAGS bits that exist (SDM Vol. 1 3.4.3); the others are reserved.
 _RFLAGS_DEFINED: Final = (
@@ -232,20 +235,30 @@ class ReferenceModel:
         entry = windows.get(window)
         if entry is None:
             try:
-                decoded = self._decoder.decode(window, bitness)
+                raw, instruction = self._decoder.instruction_at(window, bitness)
             except Unsupported as error:
                 entry = f"unsupported: {error}"
             else:
-                entry = plans.get(decoded.raw)
+                # The description and plan depend on the instruction's bytes alone, so every
+                # window that starts with them shares them.
+                entry = plans.get(raw)
                 if entry is None:
-                    try:
-                        entry = (decoded, compile_plan(decoded))
-                    except Unsupported as error:
-                        name = f"'{decoded.text}' ({decoded.raw.hex(' ')})"
-                        entry = f"unsupported instruction {name}: {error}"
-                    _remember(plans, decoded.raw, entry)
+                    entry = self._plan(raw, instruction, bitness)
+                    _remember(plans, raw, entry)
             _remember(windows, window, entry)
         return entry
+
+    def _plan(self, raw: bytes, instruction: iced.Instruction | None, bitness: int) -> _Entry:
+        """Describe and compile one instruction, or say why it is unsupported."""
+        try:
+            decoded = self._decoder.describe(raw, instruction, bitness)
+        except Unsupported as error:
+            return f"unsupported: {error}"
+        try:
+            return decoded, compile_plan(decoded)
+        except Unsupported as error:
+            name = f"'{decoded.text}' ({decoded.raw.hex(' ')})"
+            return f"unsupported instruction {name}: {error}"
 
 
 def _comparable(outcome: Outcome) -> Outcome:

@@ -14,7 +14,7 @@ from lassfuzz.arch import MASK64, PAGE_MASK, PAGE_SIZE, VEC_GP, VEC_SS
 from lassfuzz.model.faults import CpuFault
 from lassfuzz.model.lass import Kind, Verdict, check_access
 from lassfuzz.model.observe import Observer
-from lassfuzz.model.paging import Translation, translate
+from lassfuzz.model.paging import Tlb, translate
 from lassfuzz.model.physical import PhysicalMemory
 from lassfuzz.model.state import Cpu
 from lassfuzz.outcome import Access
@@ -62,6 +62,7 @@ class LinearMemory:
     """The access path of one run, with the per-instruction pending stores and trace."""
 
     __slots__ = (
+        "_checked",
         "_fetch_pages",
         "_pending",
         "_pending_trace",
@@ -78,8 +79,9 @@ class LinearMemory:
         self.cpu = cpu
         self.observer = observer
         self.phys = phys
-        self.tlb: dict[int, Translation] = {}
+        self.tlb = Tlb()
         self._fetch_pages: dict[int, bytearray] = {}
+        self._checked: dict[int, bytearray] = {}
         self._pending: list[tuple[bytearray, int, bytes]] = []
         self.trace: list[Access] | None = [] if trace else None
         self._pending_trace: list[Access] = []
@@ -94,17 +96,33 @@ class LinearMemory:
         ``kind`` is READ or WRITE (read-modify-write instructions check as WRITE); ``stack``
         selects #SS over #GP (LASS.md §4; SDM Vol. 3A 6.15 for the canonical check).
         """
-        access = kind.value
+        cpu = self.cpu
+        offset = address & ~PAGE_MASK
+        key = -1
+        if offset + size <= PAGE_SIZE:
+            # An access within one page that was allowed before, with the same inputs, is
+            # allowed again with no side effect: the page decides canonicality and the LASS
+            # half, the walk is cached (self.tlb) and its leaf already has its A (and for a
+            # write D) bit. The inputs are the page, kind, stack, implicit, RFLAGS.AC, CPL and
+            # CS.L (in the key) and CR0/CR3/CR4/EFER (changed only with flush_tlb).
+            key = (
+                (address & PAGE_MASK) | (kind is Kind.WRITE) | stack << 1 | implicit << 2
+                | (cpu.rflags >> 15 & 8) | cpu.cpl << 4 | cpu.cs_l << 6
+            )  # fmt: skip
+            frame = self._checked.get(key)
+            if frame is not None:
+                if self.observer is not None:
+                    self.observer.access(cpu, address, size, kind, implicit=implicit, stack=stack)
+                return Location(address, size, [(frame, offset, size)], implicit)
         # 1. Canonical: with sizes <= 16 the first and last byte decide (SDM Vol. 1 3.3.7.1).
         last = (address + size - 1) & MASK64
-        cpu = self.cpu
         la57 = cpu.la57
         if not (is_canonical(address, la57) and is_canonical(last, la57)):
             bad = first_noncanonical(address, la57)
             raise CpuFault(
                 VEC_SS if stack else VEC_GP, 0,
                 f"non-canonical {'stack' if stack else 'data'} access at {bad:#x}",
-                access=access, address=bad,
+                access=kind.value, address=bad,
             )  # fmt: skip
         # 2. LASS, before paging: a violation walks nothing and sets no A/D bit (LASS.md §4).
         if self.observer is not None:
@@ -119,10 +137,22 @@ class LinearMemory:
         if decision.verdict is Verdict.VIOLATION:
             assert decision.vector is not None
             raise CpuFault(
-                decision.vector, 0, decision.rule, access=access, address=decision.address
+                decision.vector, 0, decision.rule, access=kind.value, address=decision.address
             )
         # 3. Paging, page by page from the lowest address (docs/machine.md "Checks"): for an
         # access that wraps past 2^64 that is page 0, before the top page it starts in.
+        write = kind is Kind.WRITE
+        user = cpu.cpl == 3 and not implicit
+        if key >= 0:  # one page
+            frame = self.phys.frame(
+                translate(
+                    self.phys, self.tlb, address, write=write, fetch=False, user=user,
+                    implicit=implicit, cr0=cpu.cr0, cr3=cpu.cr3, cr4=cpu.cr4, efer=cpu.efer,
+                    rflags=cpu.rflags,
+                )
+            )  # fmt: skip
+            self._checked[key] = frame
+            return Location(address, size, [(frame, offset, size)], implicit)
         spans = []
         linear = address
         remaining = size
@@ -131,8 +161,6 @@ class LinearMemory:
             spans.append((linear, length))
             linear = (linear + length) & MASK64
             remaining -= length
-        write = kind is Kind.WRITE
-        user = cpu.cpl == 3 and not implicit
         physical = {}
         for linear, _ in sorted(spans) if len(spans) > 1 else spans:
             physical[linear] = translate(
@@ -181,13 +209,14 @@ class LinearMemory:
 
     def privilege_changed(self) -> None:
         """CPL or CS.L changed (event delivery, IRETQ, SYSCALL/SYSRET): the cached fetch checks
-        depend on both, the cached translations on neither."""
+        depend on both, the cached translations on neither (the data checks key on both)."""
         self._fetch_pages.clear()
 
     def flush_tlb(self) -> None:
         """MOV CR0/CR3/CR4 and INVLPG invalidate cached translations (docs/machine.md)."""
         self.tlb.clear()
         self._fetch_pages.clear()
+        self._checked.clear()
 
     # ---- data --------------------------------------------------------------------------------
 

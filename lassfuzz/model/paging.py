@@ -4,11 +4,12 @@ docs/machine.md "Paging details").
 The walk is split in two: :func:`walk` finds the leaf (setting non-leaf Accessed bits) and is
 cached per linear page, because cases never write page tables except through A/D updates
 (docs/machine.md "TLB"); :func:`translate` checks the rights of one access against it and sets
-the leaf's A/D bits only when the access is allowed.
+the leaf's A/D bits only when the access is allowed. The caches of a run are a :class:`Tlb`.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,9 +39,15 @@ from lassfuzz.arch import (
 from lassfuzz.model.faults import CpuFault, Unsupported
 from lassfuzz.model.physical import PhysicalMemory
 
-_LEVELS: Final = ((39, "PML4E"), (30, "PDPTE"), (21, "PDE"), (12, "PTE"))
+#: The non-leaf levels (the PTE is the leaf) with the linear-address bit each indexes from.
+_UPPER: Final = ((39, "PML4E"), (30, "PDPTE"), (21, "PDE"))
 #: 5-level paging adds the PML5 above the PML4 (SDM Vol. 3A 4.5.1, CR4.LA57 = 1).
-_LEVELS57: Final = ((48, "PML5E"), *_LEVELS)
+_UPPER57: Final = ((48, "PML5E"), *_UPPER)
+#: An entry with any of these bits other than P needs a closer look (:func:`_check`); most
+#: entries are present with PS = 0 and NX = 0.
+_UNUSUAL: Final = PTE_P | PTE_PS | PTE_NX
+#: A little-endian paging-structure entry.
+_U64: Final = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,27 @@ class Translation:
     nx: bool
 
 
+class Tlb:
+    """The translation caches of one run (SDM Vol. 3A 4.10): ``pages`` maps a linear page to its
+    walked leaf (the TLB proper); ``tables`` maps a 2 MiB region to the page table its walk
+    reached and the U/S, R/W and NX of the entries above (a paging-structure cache of PDEs).
+
+    Both stay valid until :meth:`clear` (MOV CR0/CR3/CR4, INVLPG): cases never write page
+    tables except through A/D updates, and a cached walk has set the A bit of every non-leaf
+    entry it used, so walking them again would read the same entries and write nothing.
+    """
+
+    __slots__ = ("pages", "tables")
+
+    def __init__(self) -> None:
+        self.pages: dict[int, Translation] = {}
+        self.tables: dict[int, tuple[int, int, int]] = {}
+
+    def clear(self) -> None:
+        self.pages.clear()
+        self.tables.clear()
+
+
 class _WalkFault(Exception):
     """The walk stopped: a non-present entry (error bits 0) or a reserved bit (RSVD | P)."""
 
@@ -65,34 +93,64 @@ class _WalkFault(Exception):
 
 
 def walk(
-    phys: PhysicalMemory, cr3: int, page: int, efer: int, *, la57: bool = False, mark: bool = True
+    phys: PhysicalMemory,
+    cr3: int,
+    page: int,
+    efer: int,
+    *,
+    la57: bool = False,
+    mark: bool = True,
+    tables: dict[int, tuple[int, int, int]] | None = None,
 ) -> Translation:
     """Walk the 4-level (5-level with ``la57``) tables for linear ``page``; sets the A bit of
     each present non-leaf entry in order, even when a later level faults (docs/machine.md
     "Paging details"). ``mark=False`` walks without writing anything: the trusted reads of the
-    initial descriptor tables (docs/machine.md "Descriptor tables", Start)."""
-    table = cr3 & PTE_ADDR
-    user = writable = True
-    nx = False
-    entry_address = table
-    for shift, name in _LEVELS57 if la57 else _LEVELS:
-        entry_address = table + ((page >> shift) & 0x1FF) * 8
-        entry = phys.read_u64(entry_address)
-        if not entry & PTE_P:
-            raise _WalkFault(0, f"{name} not present")
-        # SDM 4.5.4: XD (bit 63) is reserved unless IA32_EFER.NXE = 1 -> RSVD #PF.
-        if entry & PTE_NX and not efer & EFER_NXE:
-            raise _WalkFault(PFEC_RSVD | PFEC_P, f"{name} has bit 63 set while EFER.NXE = 0")
-        if shift != 12 and entry & PTE_PS:
-            raise Unsupported(f"{name} at {entry_address:#x} maps a large page (PS = 1)")
-        user = user and bool(entry & PTE_US)
-        writable = writable and bool(entry & PTE_RW)
-        nx = nx or bool(entry & PTE_NX)
-        if mark and shift != 12 and not entry & PTE_A:
-            phys.write_u64(entry_address, entry | PTE_A)
-        table = entry & PTE_ADDR
-    phys.frame(table)  # a leaf pointing outside the image is unsupported, not a fault
-    return Translation(frame=table, leaf=entry_address, user=user, writable=writable, nx=nx)
+    initial descriptor tables (docs/machine.md "Descriptor tables", Start). ``tables`` is the
+    paging-structure cache (:class:`Tlb`) a marking walk starts from and fills."""
+    region = page >> 21
+    cached = tables.get(region) if tables is not None else None
+    if cached is not None:
+        table, rights, nx = cached
+    else:
+        table = cr3 & PTE_ADDR
+        rights = PTE_US | PTE_RW  # U/S and R/W: the AND over the levels
+        nx = 0  # NX: the OR over the levels
+        read_frame = phys.frame
+        for shift, name in _UPPER57 if la57 else _UPPER:
+            offset = ((page >> shift) & 0x1FF) * 8
+            frame = read_frame(table)
+            entry: int
+            (entry,) = _U64.unpack_from(frame, offset)
+            if entry & _UNUSUAL != PTE_P:
+                _check(entry, name, table + offset, efer, leaf=False)
+                nx |= entry & PTE_NX
+            if mark and not entry & PTE_A:
+                _U64.pack_into(frame, offset, entry | PTE_A)
+            rights &= entry
+            table = entry & PTE_ADDR
+        if mark and tables is not None:
+            tables[region] = (table, rights, nx)
+    leaf = table + ((page >> 12) & 0x1FF) * 8
+    entry = phys.read_u64(leaf)
+    if entry & _UNUSUAL != PTE_P:
+        _check(entry, "PTE", leaf, efer, leaf=True)
+        nx |= entry & PTE_NX
+    rights &= entry
+    table = entry & PTE_ADDR
+    phys.check(table)  # a leaf pointing outside the image is unsupported, not a fault
+    return Translation(table, leaf, bool(rights & PTE_US), bool(rights & PTE_RW), bool(nx))
+
+
+def _check(entry: int, name: str, address: int, efer: int, *, leaf: bool) -> None:
+    """Fault on an entry that is not present or has a reserved bit set (SDM Vol. 3A 4.7);
+    a large page is not modelled. Entries without these problems pass."""
+    if not entry & PTE_P:
+        raise _WalkFault(0, f"{name} not present")
+    # SDM 4.5.4: XD (bit 63) is reserved unless IA32_EFER.NXE = 1 -> RSVD #PF.
+    if entry & PTE_NX and not efer & EFER_NXE:
+        raise _WalkFault(PFEC_RSVD | PFEC_P, f"{name} has bit 63 set while EFER.NXE = 0")
+    if not leaf and entry & PTE_PS:
+        raise Unsupported(f"{name} at {address:#x} maps a large page (PS = 1)")
 
 
 def _denied(
@@ -127,7 +185,7 @@ def _denied(
 
 def translate(
     phys: PhysicalMemory,
-    tlb: dict[int, Translation],
+    tlb: Tlb,
     linear: int,
     *,
     write: bool,
@@ -146,16 +204,16 @@ def translate(
     the write half of read-modify-write instructions.
     """
     page = linear & PAGE_MASK
-    t = tlb.get(page)
+    t = tlb.pages.get(page)
     reason = None
     if t is None:
         try:
-            t = walk(phys, cr3, page, efer, la57=bool(cr4 & CR4_LA57))
+            t = walk(phys, cr3, page, efer, la57=bool(cr4 & CR4_LA57), tables=tlb.tables)
         except _WalkFault as fault:
             error = fault.error_bits
             reason = fault.reason
         else:
-            tlb[page] = t
+            tlb.pages[page] = t
     if t is not None:
         reason = _denied(
             t, write=write, fetch=fetch, user=user, implicit=implicit,

@@ -117,7 +117,7 @@ class Cpu:
     def registers(self) -> Registers:
         """The architectural registers as the outcome reports them."""
         return Registers(
-            gprs=tuple(value & MASK64 for value in self.gpr),
+            gprs=tuple([value & MASK64 for value in self.gpr]),
             rip=self.rip,
             rflags=self.rflags,
             cr0=self.cr0,
