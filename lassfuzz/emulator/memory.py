@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from unicorn.x86_const import UC_X86_REG_EFLAGS
+
 from lassfuzz.arch import (
     CR4_SMAP,
     MASK64,
@@ -61,6 +63,11 @@ class Memory:
 
     def __init__(self, run: CaseRun) -> None:
         self.run = run
+        #: Frames of single-page accesses already allowed, by page and everything the checks
+        #: and the walk read (see _translate): the TLB of the shim's own accesses.
+        self._allowed: dict[tuple[object, ...], int] = {}
+        #: Frames of mapped pages for :meth:`physical`, which sets no A/D bit.
+        self._mapped: dict[tuple[int, ...], int] = {}
 
     def read(
         self, address: int, size: int, rip: int, *, implicit: bool, stack: bool = False
@@ -147,10 +154,15 @@ class Memory:
         mmu = MmuState(0, run.cr0, run.cr4 & ~CR4_SMAP, 0, run.efer)
         pieces = []
         for piece in self._pieces(address, size):
-            result = self._walk(piece.page, mmu)
-            if not result.allows("read"):
-                return None
-            pieces.append((result.frame + piece.address - piece.page, piece.size))
+            # A page's mapping is fixed for a given CR3 (the tables change only in A/D bits).
+            key = (piece.page, run.cr3, run.cr0, run.cr4, run.efer)
+            frame = self._mapped.get(key)
+            if frame is None:
+                result = self._walk(piece.page, mmu)
+                if not result.allows("read"):
+                    return None
+                frame = self._mapped[key] = result.frame
+            pieces.append((frame + piece.address - piece.page, piece.size))
         return pieces
 
     # ------------------------------------------------------------------------------------
@@ -200,6 +212,18 @@ class Memory:
         physical address of each piece, in byte order."""
         run = self.run
         pieces = self._pieces(address, size)
+        # An access within one page that was allowed before in the same state is allowed again
+        # with no new side effect: canonicality and the policy are per page (README, "Shim
+        # policies"), the tables change only in A/D bits, which that access already set.
+        # An event delivery pushes five words and reads three tables through here.
+        key: tuple[object, ...] | None = None
+        if len(pieces) == 1:
+            rflags_ac = run.uc.reg_read(UC_X86_REG_EFLAGS) & RFLAGS_AC
+            key = (pieces[0].page, kind, implicit, stack, run.cpl, run.cs_l, run.cr0, run.cr3,
+                   run.cr4, run.efer, rflags_ac)  # fmt: skip
+            frame = self._allowed.get(key)
+            if frame is not None:
+                return [(pieces[0], frame + address - pieces[0].page)]
         # Checks and walks go lowest page first (docs/machine.md: a wrapping access is paged
         # from page 0 first), but the pieces keep byte order for assembling the value.
         checked = sorted(pieces, key=lambda piece: piece.page)
@@ -228,6 +252,8 @@ class Memory:
                 result.leaf_address, updated_leaf(result.leaf, kind) & (PTE_A | PTE_D)
             )
             frames[piece.page] = result.frame + piece.address - piece.page
+        if key is not None:
+            self._allowed[key] = result.frame
         return [(piece, frames[piece.page]) for piece in pieces]
 
     def trace_access(
