@@ -787,6 +787,11 @@ class CaseRun:
         flags with ZF changed. At a block's start ``env`` is exact, so the shim restarts
         translation at the instruction (writing RIP in a hook does, see :meth:`_skip`).
         """
+        # The flags read in this hook, written back: Unicorn's code hook leaves CC_SRC holding
+        # the materialised flags while env's CC_OP may still name the lazy operation (measured:
+        # ``adc r10, 0x54; jmp $+2; cmpxchg8b [0]`` lost AF); RFLAGS written sets both.
+        assert self.flags_at_hook is not None and self.flags_at_hook[0] == address
+        self.uc.reg_write(UC_X86_REG_EFLAGS, self.flags_at_hook[1])
         block = self.last_block
         if not block or block[0] == address or address not in block:
             return

@@ -234,6 +234,7 @@ def test_rflags_are_exact_at_a_fault_in_a_later_rep_iteration(
         ("0fc70b", 1, _FLAGS_AFTER_ADD & ~RFLAGS_ZF),  # unequal: ZF = 0
         ("480fc70b", 0, _FLAGS_AFTER_ADD),  # cmpxchg16b [rbx]
         ("f00fc70b 488b0e", 0, _FLAGS_AFTER_ADD),  # lock cmpxchg8b, then a faulting load
+        ("eb00 0fc70b", 0, _FLAGS_AFTER_ADD),  # jmp $+2: cmpxchg8b starts its block
     ],
 )
 @pytest.mark.parametrize("trace", [False, True], ids=["plain", "trace"])
